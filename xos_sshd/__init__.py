@@ -1,0 +1,1 @@
+"""xos-sshd: SSH gateway for virtual organisations."""
