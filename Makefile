@@ -1,0 +1,32 @@
+# xos-sshd — see README.md.  `make run`: dev gateway on 127.0.0.1:2222;  `make test`: everything.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test venv native system-deps-run system-deps-test clean
+
+run: system-deps-run $(STAMP)
+	$(VENV)/bin/xos-sshd --dev --state-dir .xos-dev --port 2222
+
+test: system-deps-test $(STAMP) native
+	$(VENV)/bin/pytest -q
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+native:
+	$(MAKE) -C native
+
+system-deps-run:
+	sh scripts/system-deps.sh run
+
+system-deps-test:
+	sh scripts/system-deps.sh test
+
+clean:
+	$(MAKE) -C native clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,110 @@
+"""End to end: a VO user logs in with an XOS-cert and lands in a session as the mapped account.
+
+Real xos-sshd process, real ``ssh-xos`` and OpenSSH ``ssh`` clients, real uids.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gatewayproc import GatewayProcess, VOCA
+
+
+def _lines(out: str) -> list[str]:
+    return out.strip().splitlines()
+
+
+def test_exec_runs_as_the_mapped_account(gateway: GatewayProcess, dev_ca: VOCA,
+                                         uid_range: tuple[int, int], tmp_path: Path) -> None:
+    alice = dev_ca.issue('alice', tmp_path / 'alice', '--group', 'physics', '--group', 'cms')
+    script = ('id -u; id -g; id -G; echo "$HOME"; echo "$USER"; echo "$XOS_VO:$XOS_USER"; pwd; '
+              'grep NoNewPrivs /proc/self/status; env | cut -d= -f1 | sort | tr "\\n" " "')
+    res = gateway.ssh_xos(alice, script)
+    assert res.returncode == 0, res.stderr + gateway.log()
+    uid, gid, groups, home, user, vo_user, cwd, nnp, env_names = _lines(res.stdout)
+    assert uid_range[0] <= int(uid) <= uid_range[1]
+    assert int(gid) != 0 and int(uid) != 0
+    assert len(groups.split()) == 3  # private group + physics + cms
+    assert user == 'dev-alice'
+    assert home.endswith('/home/dev-alice') and cwd == home
+    assert vo_user == 'dev:alice'
+    assert nnp.split() == ['NoNewPrivs:', '1']
+    assert 'SSH_AUTH_SOCK' not in env_names and 'PYTHONPATH' not in env_names
+    st = os.stat(home)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == int(uid)
+    accepted = [e for e in gateway.audit() if e['event'] == 'login' and e['outcome'] == 'accepted']
+    assert accepted[-1]['account'] == 'dev-alice' and accepted[-1]['vo'] == 'dev'
+    assert accepted[-1]['serial'] and accepted[-1]['source'].startswith('127.0.0.1:')
+
+
+def test_exit_status_stdin_and_stderr_pass_through(gateway: GatewayProcess, dev_ca: VOCA,
+                                                  tmp_path: Path) -> None:
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    assert gateway.ssh_xos(alice, 'exit 7').returncode == 7
+    res = gateway.ssh_xos(alice, 'cat; echo oops >&2', input='hello from stdin\n')
+    assert res.stdout == 'hello from stdin\n' and 'oops' in res.stderr
+    big = gateway.ssh_xos(alice, 'head -c 5000000 /dev/zero | tr "\\0" x')
+    assert big.returncode == 0 and len(big.stdout) == 5_000_000
+
+
+def test_openssh_certificate_route_maps_to_the_same_account(gateway: GatewayProcess,
+                                                            dev_ca: VOCA, tmp_path: Path) -> None:
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    via_xos = gateway.ssh_xos(alice, 'id -u')
+    via_ssh = gateway.ssh(alice, 'alice', 'id -u; echo $USER')
+    assert via_xos.returncode == 0 and via_ssh.returncode == 0, via_ssh.stderr
+    uid, user = _lines(via_ssh.stdout)
+    assert uid == via_xos.stdout.strip() and user == 'dev-alice'
+    # the mapped account's own name is a valid login name too
+    assert gateway.ssh(alice, 'dev-alice', 'id -u').stdout.strip() == uid
+    routes = {e['route'] for e in gateway.audit() if e['outcome'] == 'accepted'}
+    assert routes == {'x509', 'openssh'}
+
+
+@pytest.mark.parametrize('login', ['root', 'bob', 'dev-bob', 'nobody'])
+def test_login_name_must_be_the_user_or_its_account(gateway: GatewayProcess, dev_ca: VOCA,
+                                                    tmp_path: Path, login: str) -> None:
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    bob = dev_ca.issue('bob', tmp_path / 'bob')
+    assert gateway.ssh_xos(bob, 'true').returncode == 0  # dev-bob now exists
+    for client in ('ssh-xos', 'ssh'):
+        res = (gateway.ssh_xos(alice, 'id -u', login=login) if client == 'ssh-xos'
+               else gateway.ssh(alice, login, 'id -u'))
+        assert res.returncode == 255 and res.stdout == '', (client, res)
+    refusals = [e for e in gateway.audit() if e['outcome'] == 'refused']
+    assert len(refusals) >= 2
+    assert all(e['reason'] == 'login-name-mismatch' and e['login'] == login and e['user'] == 'alice'
+               for e in refusals)
+    assert gateway.ssh_xos(alice, 'true').returncode == 0  # still serving
+
+
+def test_plain_public_key_is_refused(gateway: GatewayProcess, tmp_path: Path) -> None:
+    key = tmp_path / 'plain'
+    os.system(f'ssh-keygen -q -t ed25519 -N "" -f {key}')
+    res = os.popen(f'ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes '
+                   f'-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null '
+                   f'-p {gateway.port} alice@127.0.0.1 true 2>&1; echo rc=$?').read()
+    assert 'rc=255' in res and 'Permission denied' in res
+    assert any(e['reason'] == 'not-a-certificate' for e in gateway.audit())
+
+
+def test_parallel_first_logins_get_one_account(gateway: GatewayProcess, dev_ca: VOCA,
+                                               tmp_path: Path) -> None:
+    carol = dev_ca.issue('carol', tmp_path / 'carol')
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: gateway.ssh_xos(carol, 'id -u'), range(12)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    assert len({r.stdout for r in results}) == 1
+    accounts = {e['account'] for e in gateway.audit() if e['outcome'] == 'accepted'}
+    assert accounts == {'dev-carol'}
+
+
+def test_signals_and_exit_signal(gateway: GatewayProcess, dev_ca: VOCA, tmp_path: Path) -> None:
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    res = gateway.ssh_xos(alice, 'kill -TERM $$')
+    assert res.returncode == 128 + 15

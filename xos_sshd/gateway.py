@@ -1,0 +1,179 @@
+"""The gateway: an asyncssh server whose only door is an XOS-cert, whose sessions run as the
+mapped local account.
+
+One :class:`Gateway` per process owns the verifier, the AMS and the audit log; asyncssh
+creates one :class:`ConnectionHandler` per TCP connection.  A login succeeds only when the
+certificate verifies, the key proves possession, the login name is the VO user name or the
+account it maps to, and the AMS maps it; every attempt leaves one audit line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+import asyncssh
+
+from .ams import AMS, LocalAccount, MappingRefused
+from .audit import AuditLog
+from .auth import sshhook
+from .auth.errors import AuthRefused
+from .auth.verifier import Verifier
+from .config import Config
+from .session.channel import SessionContext, UserSession
+from .session.home import HomeError, ensure_home
+
+log = logging.getLogger(__name__)
+
+# Algorithms as OpenSSH 9 offers them; asyncssh's defaults already exclude the weak ones.
+SERVER_OPTIONS: dict[str, Any] = dict(
+    password_auth=False, kbdint_auth=False, host_based_auth=False, gss_host=None,
+    x11_forwarding=False, line_editor=False, encoding=None, allow_scp=False,
+    keepalive_interval=60, keepalive_count_max=3,
+)
+
+
+class Gateway:
+    """Everything one running gateway shares between its connections."""
+
+    def __init__(self, config: Config, verifier: Verifier, ams: AMS, audit: AuditLog):
+        self.config = config
+        self.verifier = verifier
+        self.ams = ams
+        self.audit = audit
+        self._servers: list[asyncssh.SSHAcceptor] = []
+
+    @classmethod
+    async def open(cls, config: Config) -> 'Gateway':
+        """Load trust, open the AMS store and the audit log (nothing listens yet)."""
+        config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        verifier = Verifier(config.trusts, clock_skew=timedelta(seconds=config.clock_skew_seconds))
+        ams = await AMS.open(config.ams_db, config.policies, config.nss_dir)
+        return cls(config, verifier, ams, AuditLog(config.audit_log))
+
+    async def listen(self) -> list[tuple[str, int]]:
+        """Start listening on every configured address; return the bound (host, port)s."""
+        host_keys = [asyncssh.read_private_key(str(path)) for path in self.config.host_keys]
+        bound = []
+        for address in self.config.listen:
+            server = await asyncssh.create_server(
+                lambda: ConnectionHandler(self), address.host, address.port,
+                server_host_keys=host_keys, reuse_address=True,
+                login_timeout=self.config.login_grace_seconds,
+                agent_forwarding=self.config.allow_agent_forwarding,
+                **SERVER_OPTIONS)
+            self._servers.append(server)
+            for sock in server.sockets:
+                bound.append(sock.getsockname()[:2])
+        return bound
+
+    def check_certificate(self, key_data: bytes) -> sshhook.CertificateCheck:
+        """Verify an offered certificate blob with the one verifier."""
+        return sshhook.check_certificate(self.verifier.verify_x509_chain,
+                                         self.verifier.verify_openssh_cert, key_data)
+
+    async def close(self) -> None:
+        """Stop listening, close live connections, then the store and the log."""
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
+        await self.ams.close()
+        self.audit.close()
+
+
+class LoginRefused(Exception):
+    """A verified certificate may still not log in under this name; ``reason`` says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConnectionHandler(asyncssh.SSHServer):
+    """asyncssh's per-connection callbacks: authentication, then sessions."""
+
+    def __init__(self, gateway: Gateway):
+        self._gateway = gateway
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._peer = ('', 0)
+        self._identity = None
+        self._account: LocalAccount | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info('peername') or ('', 0)
+        self._peer = (str(peer[0]), int(peer[1]))
+        sshhook.install(conn, self, self._gateway.check_certificate)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    # --- sshhook.LoginPolicy ------------------------------------------------------------
+
+    def certificate_refused(self, username: str, exc: AuthRefused) -> None:
+        self._audit_login(username, None, 'refused', exc.reason, str(exc))
+
+    async def accept_login(self, username: str, check: sshhook.CertificateCheck) -> bool:
+        identity = check.identity
+        try:
+            account = await self._authorize(username, identity)
+        except (LoginRefused, MappingRefused) as exc:
+            self._audit_login(username, check, 'refused', exc.reason, str(exc))
+            return False
+        self._identity, self._account = identity, account
+        self._audit_login(username, check, 'accepted', 'ok', '', account)
+        return True
+
+    async def _authorize(self, username: str, identity: Any) -> LocalAccount:
+        """The login-name rule (design.md): the VO user name, or the account it maps to."""
+        if username != identity.user:
+            existing = await self._gateway.ams.find_mapping(identity)
+            if existing is None or existing.name != username:
+                raise LoginRefused('login-name-mismatch',
+                                   f'certificate of {identity.user}@{identity.vo} may log in '
+                                   f'only as {identity.user!r} or its mapped account, '
+                                   f'not {username!r}')
+        account = await self._gateway.ams.map_identity(identity)
+        try:
+            await asyncio.to_thread(ensure_home, account)
+        except (HomeError, OSError) as exc:
+            raise LoginRefused('home-unavailable', str(exc)) from None
+        return account
+
+    def _audit_login(self, username: str, check: sshhook.CertificateCheck | None,
+                     outcome: str, reason: str, message: str,
+                     account: LocalAccount | None = None) -> None:
+        identity = check.identity if check else None
+        self._gateway.audit.write(
+            'login', outcome=outcome, reason=reason, message=message,
+            login=username, source=f'{self._peer[0]}:{self._peer[1]}',
+            route=check.route if check else None,
+            vo=identity.vo if identity else None, user=identity.user if identity else None,
+            role=identity.role if identity else None,
+            serial=identity.serial if identity else None,
+            key=identity.key_fingerprint if identity else None,
+            account=account.name if account else None, uid=account.uid if account else None)
+        level = logging.INFO if outcome == 'accepted' else logging.WARNING
+        log.log(level, 'login %s for %r from %s: %s%s', outcome, username, self._peer[0],
+                reason, f' ({message})' if message and outcome != 'accepted' else '')
+
+    # --- after authentication -------------------------------------------------------------
+
+    def session_requested(self) -> UserSession | bool:
+        if self._account is None or self._identity is None:
+            return False
+        return UserSession(SessionContext(self._identity, self._account, self._peer[0]))
+
+    def connection_requested(self, dest_host: str, dest_port: int,
+                             orig_host: str, orig_port: int) -> bool:
+        return self._gateway.config.allow_port_forwarding
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        # Remote forwarding binds as root: never below 1024, whatever the switch says.
+        return self._gateway.config.allow_port_forwarding and listen_port >= 1024

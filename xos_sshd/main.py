@@ -1,0 +1,108 @@
+"""``xos-sshd``: start the gateway from a config file, or in dev mode from a state directory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from .ams.ranges import RangeError, validate_policies
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger('xos_sshd')
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='xos-sshd',
+        description='SSH gateway for virtual organisations: XOS-cert logins mapped to local '
+                    'accounts.')
+    p.add_argument('--config', type=Path, metavar='FILE',
+                   help='TOML configuration file (see README: configuration reference)')
+    p.add_argument('--dev', action='store_true',
+                   help='embedded default: create/reuse a complete setup in --state-dir '
+                        '(dev CA for VO "dev", host keys, demo user) and listen on 127.0.0.1')
+    p.add_argument('--state-dir', type=Path, default=Path('.xos-dev'), metavar='DIR',
+                   help='state directory for --dev (default: ./.xos-dev)')
+    p.add_argument('--port', type=int, default=2222, help='port for --dev (default: 2222)')
+    p.add_argument('--check-config', '-t', action='store_true',
+                   help='validate the configuration and exit (like sshd -t)')
+    p.add_argument('--debug', '-d', action='store_true', help='log at debug level')
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if bool(args.config) == bool(args.dev):
+        print('xos-sshd: give exactly one of --config FILE or --dev', file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.dev:
+            from . import devmode
+            config = load_config(devmode.prepare(args.state_dir, args.port))
+        else:
+            config = load_config(args.config)
+        validate_policies(config.policies)
+    except (ConfigError, RangeError) as exc:
+        print(f'xos-sshd: configuration error: {exc}', file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f'xos-sshd: configuration OK ({len(config.vos)} VO(s): {", ".join(config.vos)})')
+        return 0
+    _setup_logging('debug' if args.debug else config.log_level)
+    banner = None
+    if args.dev:
+        from . import devmode
+        banner = devmode.login_help(args.state_dir, args.port)
+    try:
+        return uvloop.run(_serve(config, banner))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format='%(asctime)s xos-sshd %(levelname)s %(name)s: %(message)s')
+    logging.getLogger('asyncssh').setLevel(logging.WARNING)
+
+
+async def _serve(config: Config, banner: str | None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads CAs and CRLs and reopens the audit log."""
+    from .gateway import Gateway
+    try:
+        gateway = await Gateway.open(config)
+        bound = await gateway.listen()
+    except (OSError, ValueError) as exc:
+        log.error('cannot start: %s', exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(gateway))
+    for host, port in bound:
+        log.info('listening on %s port %d', host, port)
+    if banner:
+        print(f'xos-sshd (dev) listening on {", ".join(f"{h}:{p}" for h, p in bound)}\n{banner}',
+              flush=True)
+    await stop.wait()
+    log.info('shutting down')
+    await gateway.close()
+    return 0
+
+
+def _reload(gateway) -> None:
+    gateway.verifier.reload()
+    gateway.audit.reopen()
+    log.info('reloaded CAs and CRLs, reopened the audit log')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""One SSH session channel running a shell or a command as the mapped account.
+
+The channel's bytes go to the child's pty master (interactive) or to its three pipes (exec),
+the child's exit status or signal goes back with ``exit-status``/``exit-signal``, window-size
+changes reach the pty, and client signals reach the child.  The root process only ever
+touches descriptors here; the child was started by :func:`spawn_as`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import struct
+import termios
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import asyncssh
+
+from ..ams import LocalAccount
+from ..auth.identity import VOIdentity
+from . import libc
+from .environment import session_environment
+from .fdio import FdReader, FdWriter
+from .spawn import SpawnError, Stdio, spawn_as
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """Who the session is for and where it comes from, fixed at authentication."""
+
+    identity: VOIdentity
+    account: LocalAccount
+    peer_host: str
+    on_close: Callable[['UserSession'], None] | None = None
+
+
+class UserSession(asyncssh.SSHServerSession[bytes]):
+    """An asyncssh session whose other end is a process running as the mapped account."""
+
+    def __init__(self, ctx: SessionContext):
+        self._ctx = ctx
+        self._loop = asyncio.get_running_loop()
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._command: str | None = None
+        self._term: tuple[str, tuple[int, int, int, int]] | None = None
+        self._proc = None
+        self._pidfd = -1
+        self._pty_master = -1
+        self._tty_line = ''
+        self._readers: list[FdReader] = []
+        self._writer: FdWriter | None = None
+        self._exit_sent = False
+
+    # --- requests before the session starts ---------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: Mapping[int, int]) -> bool:
+        self._term = (term_type or 'dumb', term_size)
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._command = command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        log.info('refused unknown subsystem %r for %s', subsystem, self._ctx.account.name)
+        return False
+
+    def session_started(self) -> None:
+        try:
+            self._start_child()
+        except (SpawnError, OSError) as exc:
+            log.error('session for %s failed to start: %s', self._ctx.account.name, exc)
+            assert self._chan is not None
+            self._chan.write_stderr(f'xos-sshd: {exc}\r\n'.encode())
+            self._send_exit(255)
+
+    # --- data and control while it runs ---------------------------------------------------
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._writer is not None:
+            self._writer.write(data)
+
+    def eof_received(self) -> bool:
+        if self._writer is not None and self._pty_master < 0:
+            self._writer.close_when_drained()
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._pty_master >= 0:
+            _set_window_size(self._pty_master, (width, height, pixwidth, pixheight))
+
+    def signal_received(self, signame: str) -> None:
+        try:
+            signum = signal.Signals['SIG' + signame]
+        except KeyError:
+            log.info('ignored unknown signal %r from client', signame)
+            return
+        if self._proc is not None and self._proc.returncode is None:
+            os.kill(self._proc.pid, signum)
+
+    def pause_writing(self) -> None:
+        for reader in self._readers:
+            reader.pause()
+
+    def resume_writing(self) -> None:
+        for reader in self._readers:
+            reader.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The channel is gone: hang up the child's session, like a closed terminal."""
+        self._chan = None
+        if self._writer is not None:
+            self._writer.close()
+        if self._pty_master < 0:
+            self._close_pipes()
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+        elif self._pty_master >= 0:
+            self._close_pty()
+        if self._ctx.on_close is not None:
+            self._ctx.on_close(self)
+
+    # --- starting the child ---------------------------------------------------------------
+
+    def _start_child(self) -> None:
+        assert self._chan is not None
+        account = self._ctx.account
+        shell = account.shell or '/bin/sh'
+        base = os.path.basename(shell)
+        argv = ['-' + base] if self._command is None else [base, '-c', self._command]
+        env = session_environment(self._ctx.identity, account, self._chan.get_environment(),
+                                  self._term[0] if self._term else None)
+        if self._term is not None:
+            self._start_with_pty(shell, argv, env)
+        else:
+            self._start_with_pipes(shell, argv, env)
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        self._loop.add_reader(self._pidfd, self._child_exited)
+        log.info('session started for %s (%s) pid %d: %s', account.name, self._ctx.peer_host,
+                 self._proc.pid, 'shell' if self._command is None else 'exec')
+
+    def _start_with_pty(self, shell: str, argv: list[str], env: dict[str, str]) -> None:
+        assert self._term is not None
+        master, slave = os.openpty()
+        try:
+            _set_window_size(master, self._term[1])
+            self._tty_line = os.ttyname(slave).removeprefix('/dev/')
+            self._proc = spawn_as(self._ctx.account, argv, env, Stdio(slave, slave, slave),
+                                  executable=shell, take_tty=True)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self._pty_master = master
+        self._writer = FdWriter(self._loop, master, self._apply_pressure, close_fd=False)
+        self._readers = [FdReader(self._loop, master, self._to_stdout, lambda: None,
+                                 close_fd=False)]
+        self._utmp(libc.USER_PROCESS)
+
+    def _start_with_pipes(self, shell: str, argv: list[str], env: dict[str, str]) -> None:
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._proc = spawn_as(self._ctx.account, argv, env, Stdio(in_r, out_w, err_w),
+                                  executable=shell)
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        self._writer = FdWriter(self._loop, in_w, self._apply_pressure)
+        self._readers = [FdReader(self._loop, out_r, self._to_stdout, self._maybe_finish),
+                         FdReader(self._loop, err_r, self._to_stderr, self._maybe_finish)]
+
+    # --- output, exit ---------------------------------------------------------------------
+
+    def _to_stdout(self, data: bytes) -> None:
+        if self._chan is not None and not self._exit_sent:
+            self._chan.write(data)
+
+    def _to_stderr(self, data: bytes) -> None:
+        if self._chan is not None and not self._exit_sent:
+            self._chan.write_stderr(data)
+
+    def _apply_pressure(self, full: bool) -> None:
+        if self._chan is not None:
+            (self._chan.pause_reading if full else self._chan.resume_reading)()
+
+    def _child_exited(self) -> None:
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        log.info('session process %d of %s exited with %d', self._proc.pid,
+                 self._ctx.account.name, self._proc.returncode)
+        if self._pty_master >= 0:
+            # Background jobs may keep the slave open: take what is buffered, then end,
+            # as sshd does when the session's shell exits.
+            self._readers[0].drain()
+            self._utmp(libc.DEAD_PROCESS)
+            self._close_pty()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        """Send the exit status once the child is reaped and (exec) its output fully read."""
+        if self._proc is None or self._proc.returncode is None or self._pidfd >= 0:
+            return
+        if any(not reader.at_eof for reader in self._readers):
+            return
+        code = self._proc.returncode
+        if code < 0:
+            self._send_exit_signal(-code)
+        else:
+            self._send_exit(code)
+
+    def _send_exit(self, status: int) -> None:
+        if self._exit_sent or self._chan is None:
+            return
+        self._exit_sent = True
+        self._close_pipes()
+        self._chan.exit(status)
+
+    def _send_exit_signal(self, signum: int) -> None:
+        if self._exit_sent or self._chan is None:
+            return
+        self._exit_sent = True
+        self._close_pipes()
+        name = signal.Signals(signum).name.removeprefix('SIG')
+        self._chan.exit_with_signal(name, False, '', '')
+
+    def _close_pipes(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+    def _close_pty(self) -> None:
+        self._close_pipes()
+        if self._writer is not None:
+            self._writer.close()
+        if self._pty_master >= 0:
+            os.close(self._pty_master)
+            self._pty_master = -1
+
+    def _utmp(self, kind: int) -> None:
+        try:
+            libc.utmp_record(kind, self._proc.pid if self._proc else 0, self._tty_line,
+                             self._ctx.account.name, self._ctx.peer_host, time.time())
+        except Exception as exc:  # accounting must never break a login
+            log.warning('utmp/wtmp update failed: %s', exc)
+
+
+def _set_window_size(fd: int, size: tuple[int, int, int, int]) -> None:
+    """TIOCSWINSZ takes rows, columns, x pixels, y pixels; SSH sends columns first."""
+    width, height, pixwidth, pixheight = size
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack('HHHH', height, width, pixwidth, pixheight))
