@@ -108,3 +108,87 @@ def test_signals_and_exit_signal(gateway: GatewayProcess, dev_ca: VOCA, tmp_path
     alice = dev_ca.issue('alice', tmp_path / 'alice')
     res = gateway.ssh_xos(alice, 'kill -TERM $$')
     assert res.returncode == 128 + 15
+
+
+def _pty_run(argv: list[str], keystrokes: list[bytes], timeout: float = 20) -> bytes:
+    """Run *argv* on a fresh pty, type *keystrokes* one by one, return everything shown."""
+    import pty
+    import select
+    import time
+    pid, master = pty.fork()
+    if pid == 0:
+        os.execv(argv[0], argv)
+    out = b''
+    deadline = time.monotonic() + timeout
+    pending = list(keystrokes)
+    last_key = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                out += data
+            elif pending and time.monotonic() - last_key > 0.5:
+                os.write(master, pending.pop(0))
+                last_key = time.monotonic()
+    finally:
+        os.close(master)
+        os.waitpid(pid, 0)
+    return out
+
+
+def test_interactive_pty_session(gateway: GatewayProcess, dev_ca: VOCA, tmp_path: Path,
+                                 uid_range: tuple[int, int]) -> None:
+    from gatewayproc import SSH_XOS
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    argv = [SSH_XOS, '-i', str(alice), '-p', str(gateway.port), '-o',
+            'StrictHostKeyChecking=no', '127.0.0.1']
+    shown = _pty_run(argv, [b'echo "U=$(id -u) H=$HOME T=$(tty)"\r', b'stty size\r', b'exit 3\r'])
+    text = shown.decode(errors='replace')
+    line = next(l for l in text.splitlines() if l.startswith('U=') and 'H=/' in l)
+    fields = dict(kv.split('=', 1) for kv in line.split())
+    assert uid_range[0] <= int(fields['U']) <= uid_range[1]
+    assert fields['H'].endswith('/dev-alice') and fields['T'].startswith('/dev/pts/')
+
+
+async def test_window_change_reaches_the_pty(gateway: GatewayProcess, dev_ca: VOCA,
+                                             tmp_path: Path) -> None:
+    import asyncio
+    import asyncssh
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    key = asyncssh.read_private_key(f'{alice}.key')
+    cert = asyncssh.read_certificate(f'{alice}.pem')
+    async with asyncssh.connect('127.0.0.1', gateway.port, username='alice', known_hosts=None,
+                                client_keys=[(key, cert)], agent_path=None) as conn:
+        proc = await conn.create_process(term_type='xterm', term_size=(80, 24), encoding=None)
+        proc.stdin.write(b'stty size\n')
+        seen = b''
+        while b'24 80' not in seen:
+            seen += await asyncio.wait_for(proc.stdout.read(4096), 10)
+        proc.change_terminal_size(132, 50)
+        proc.stdin.write(b'stty size; exit 0\n')
+        while b'50 132' not in seen:
+            seen += await asyncio.wait_for(proc.stdout.read(4096), 10)
+        result = await asyncio.wait_for(proc.wait(), 10)
+        assert result.exit_status == 0
+
+
+async def test_client_signal_reaches_the_process(gateway: GatewayProcess, dev_ca: VOCA,
+                                                 tmp_path: Path) -> None:
+    import asyncio
+    import asyncssh
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    key = asyncssh.read_private_key(f'{alice}.key')
+    cert = asyncssh.read_certificate(f'{alice}.pem')
+    async with asyncssh.connect('127.0.0.1', gateway.port, username='alice', known_hosts=None,
+                                client_keys=[(key, cert)], agent_path=None) as conn:
+        proc = await conn.create_process('echo started; exec sleep 60', encoding=None)
+        assert await asyncio.wait_for(proc.stdout.readline(), 10) == b'started\n'
+        proc.send_signal('INT')
+        result = await asyncio.wait_for(proc.wait(), 10)
+        assert result.exit_signal is not None and result.exit_signal[0] == 'INT'

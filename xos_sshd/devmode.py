@@ -92,7 +92,7 @@ def _demo_certificate(ca_dir: Path, prefix: Path) -> None:
         if cert.not_valid_after_utc - datetime.now(timezone.utc) > timedelta(hours=1):
             return
     prefix.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    ca.issue_user(ca_dir, DEMO_USER, groups=['users'], role=None, hours=24, out_prefix=prefix)
+    ca.issue(ca.CertificateAuthority.load(ca_dir), DEMO_USER, prefix, groups=['users'], hours=24)
 
 
 def _free_range() -> tuple[int, int]:

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format='%(asctime)s xos-sshd %(levelname)s %(name)s: %(message)s')
-    logging.getLogger('asyncssh').setLevel(logging.WARNING)
+    # Third-party chatter only when asked for: asyncssh at debug, never aiosqlite's per-query log.
+    logging.getLogger('asyncssh').setLevel(logging.DEBUG if level == 'debug' else logging.WARNING)
+    logging.getLogger('aiosqlite').setLevel(logging.WARNING)
 
 
 async def _serve(config: Config, banner: str | None) -> int:

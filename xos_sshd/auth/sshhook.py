@@ -102,6 +102,11 @@ def install(conn: asyncssh.SSHServerConnection, policy: LoginPolicy,
         except AuthRefused as exc:
             policy.certificate_refused(username, exc)
             return False
+        except Exception:  # a verifier bug must refuse this login, not kill the connection
+            log.exception('certificate check failed unexpectedly for %r', username)
+            policy.certificate_refused(
+                username, AuthRefused('bad-encoding', 'the certificate could not be checked'))
+            return False
         if not msg:
             # A probe: remember the verdict so the signed request does not verify twice.
             cache.clear()
