@@ -100,7 +100,7 @@ def main() -> int:
             'ca': str(ca.dir / 'ca.pem'), 'crl': str(ca.dir / 'crl.pem'), 'policy': 'dynamic',
             'uid_range': list(uid_range), 'account_prefix': 'bench-',
             'home_base': str(base / 'home')}}, log_level='warning')
-        gw.start()
+        gw.start(debug=False)
         user = ca.issue('alice', base / 'alice')
         openssh = ['ssh', *COMMON, '-i', str(client_key), '-p', str(sshd_port),
                    'root@127.0.0.1', 'true']

@@ -111,9 +111,10 @@ class GatewayProcess:
         config.write_text('\n'.join(lines) + '\n')
         return cls(base, port, state, config, log_path=base / 'gateway.log')
 
-    def start(self) -> 'GatewayProcess':
+    def start(self, debug: bool = True) -> 'GatewayProcess':
         log = open(self.log_path, 'ab')
-        self.proc = subprocess.Popen([XOS_SSHD, '--config', str(self.config), '--debug'],
+        self.proc = subprocess.Popen([XOS_SSHD, '--config', str(self.config)]
+                                     + (['--debug'] if debug else []),
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 30

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_login_name_must_be_the_user_or_its_account(gateway: GatewayProcess, dev
         res = (gateway.ssh_xos(alice, 'id -u', login=login) if client == 'ssh-xos'
                else gateway.ssh(alice, login, 'id -u'))
         assert res.returncode == 255 and res.stdout == '', (client, res)
-    refusals = [e for e in gateway.audit() if e['outcome'] == 'refused']
+    # OpenSSH also offers the bare key after the certificate: that one is 'not-a-certificate'.
+    refusals = [e for e in gateway.audit() if e['outcome'] == 'refused' and e['user']]
     assert len(refusals) >= 2
     assert all(e['reason'] == 'login-name-mismatch' and e['login'] == login and e['user'] == 'alice'
                for e in refusals)
@@ -154,6 +156,12 @@ def test_interactive_pty_session(gateway: GatewayProcess, dev_ca: VOCA, tmp_path
     fields = dict(kv.split('=', 1) for kv in line.split())
     assert uid_range[0] <= int(fields['U']) <= uid_range[1]
     assert fields['H'].endswith('/dev-alice') and fields['T'].startswith('/dev/pts/')
+    # like sshd: a USER_PROCESS record at login and a DEAD_PROCESS record at logout in wtmp
+    wtmp = subprocess.run(['utmpdump', '/var/log/wtmp'], capture_output=True, text=True).stdout
+    line = fields['T'].removeprefix('/dev/')
+    ours = [l for l in wtmp.splitlines() if f'[{line} ' in l]
+    assert any(l.startswith('[7]') and '[dev-alice]' in l and '127.0.0.1' in l for l in ours)
+    assert ours[-1].startswith('[8]')
 
 
 async def test_window_change_reaches_the_pty(gateway: GatewayProcess, dev_ca: VOCA,
@@ -192,3 +200,40 @@ async def test_client_signal_reaches_the_process(gateway: GatewayProcess, dev_ca
         proc.send_signal('INT')
         result = await asyncio.wait_for(proc.wait(), 10)
         assert result.exit_signal is not None and result.exit_signal[0] == 'INT'
+
+
+def test_port_forwarding_is_off_by_default(gateway: GatewayProcess, dev_ca: VOCA,
+                                           tmp_path: Path) -> None:
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    res = gateway.ssh(alice, 'alice', 'true', '-o', 'ExitOnForwardFailure=yes')
+    assert res.returncode == 0
+    fwd = subprocess.run(
+        ['ssh', '-F', '/dev/null', '-i', f'{alice}.key', '-o', f'CertificateFile={alice}-cert.pub',
+         '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o',
+         'BatchMode=yes', '-W', f'127.0.0.1:{gateway.port}', '-p', str(gateway.port),
+         'alice@127.0.0.1'], capture_output=True, timeout=30, input=b'')
+    assert fwd.returncode != 0 and b'SSH-2.0' not in fwd.stdout
+    assert b'administratively prohibited' in fwd.stderr or b'open failed' in fwd.stderr, fwd.stderr
+
+
+def test_pool_exhaustion_refuses_and_maps_nobody_twice(tmp_path: Path, dev_ca: VOCA,
+                                                       uid_range: tuple[int, int],
+                                                       home_base: Path) -> None:
+    from conftest import dynamic_vo
+    vo = dynamic_vo(dev_ca, uid_range, home_base / 'home', policy='pool',
+                    pool=['devpool1', 'devpool2'])
+    gw = GatewayProcess.configure(tmp_path, {'dev': vo}).start()
+    try:
+        users = {name: dev_ca.issue(name, tmp_path / name) for name in ('ann', 'ben', 'cat')}
+        uids = {name: gw.ssh_xos(users[name], 'id -u; echo $USER') for name in ('ann', 'ben')}
+        assert all(r.returncode == 0 for r in uids.values())
+        assert len({r.stdout for r in uids.values()}) == 2
+        refused = gw.ssh_xos(users['cat'], 'true')
+        assert refused.returncode == 255
+        last = [e for e in gw.audit() if e['event'] == 'login'][-1]
+        assert last['reason'] == 'pool-exhausted' and 'pool' in last['message'], last
+        # the leases held stay with their owners
+        again = gw.ssh_xos(users['ann'], 'id -u; echo $USER')
+        assert again.stdout == uids['ann'].stdout
+    finally:
+        gw.stop()
