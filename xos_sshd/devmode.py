@@ -31,6 +31,10 @@ def prepare(state_dir: Path, port: int) -> Path:
     ca_dir = state_dir / 'ca'
     if not (ca_dir / 'ca.pem').exists():
         ca.init_ca(ca_dir, DEV_VO)
+    else:
+        # The CRL has a next-update date; a dev CA restarted after a week must not lock
+        # everybody out with crl-unavailable, so it is re-signed at every dev start.
+        ca.refresh_crl(ca.CertificateAuthority.load(ca_dir))
     host_keys = [_host_key(state_dir / 'hostkeys', alg) for alg in ('ssh-ed25519', 'ecdsa-sha2-nistp256')]
     _demo_certificate(ca_dir, state_dir / 'users' / DEMO_USER)
     home_base = state_dir / 'home'
