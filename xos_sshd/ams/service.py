@@ -1,0 +1,444 @@
+"""The Account Mapping Service: VOIdentity -> LocalAccount, leases, admin actions.
+
+:class:`AMS` is what the gateway, the control socket and the admin CLI use.
+Every change is one ``BEGIN IMMEDIATE`` transaction of the store; after a
+change that the NSS tables can see (new mapping, group change, release,
+reclaim, ban) the tables are rewritten, off the event loop and serialised.
+A renewal of a live mapping (the login hot path) is one short transaction
+and never touches the tables.
+
+The public coroutines that change state are shielded from cancellation: a
+client that disconnects mid-login must not leave a committed mapping
+without its NSS tables (nor a transaction half-way on the connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import sqlite3
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+
+from . import policy as P
+from .model import HistoryEvent, LocalAccount, MappingRecord, MappingRefused, VOPolicy
+from .nss_tables import NSSLock, remove_stale_temps, write_tables
+from .ranges import GROUP_PATH, PASSWD_PATH, validate_policies
+from .store import Store, Txn, nss_snapshot
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+IsIdle = Callable[[int], bool]
+
+
+class UnknownMapping(LookupError):
+    """An admin action named an account that no mapping holds."""
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def _static_groups(name: str, gid: int) -> tuple[tuple[str, int], ...]:
+    """Supplementary groups of a system account, from the system's NSS."""
+    try:
+        gids = os.getgrouplist(name, gid)
+    except OSError:
+        return ()
+    out = []
+    for g in sorted(set(gids) - {gid}):
+        try:
+            out.append((grp.getgrgid(g).gr_name, g))
+        except KeyError:
+            out.append((str(g), g))
+    return tuple(out)
+
+
+def _account(row: sqlite3.Row, groups: tuple[tuple[str, int], ...]) -> LocalAccount:
+    return LocalAccount(
+        name=row["name"], uid=row["uid"], gid=row["gid"], groups=groups, home=row["home"],
+        shell=row["shell"], gecos=row["gecos"], vo=row["vo"], vo_user=row["vo_user"],
+        role=row["role"] or None,
+    )
+
+
+def rewrite_nss_sync(db_path: str, nss_dir: str, busy_timeout: float = 30.0, clean: bool = False) -> None:
+    """Rewrite the NSS tables from the database (blocking; any process may call it).
+
+    Takes the cross-process NSS lock first and reads the database after,
+    so whoever writes last writes the newest committed state.
+    """
+    with NSSLock(nss_dir):
+        if clean:
+            removed = remove_stale_temps(nss_dir)
+            if removed:
+                log.info("removed stale NSS temp files: %s", ", ".join(removed))
+        conn = sqlite3.connect(db_path, timeout=busy_timeout, isolation_level=None)
+        try:
+            passwd, group = nss_snapshot(conn)
+        finally:
+            conn.close()
+        write_tables(nss_dir, passwd, group)
+
+
+class AMS:
+    """The embedded account mapping service over one sqlite database.
+
+    Several instances (in one process or many) may share a database file
+    and an NSS directory; sqlite's locks and the NSS flock keep them
+    consistent.
+    """
+
+    def __init__(self, store: Store, policies: Mapping[str, VOPolicy], nss_dir: str, *,
+                 passwd_path: str, group_path: str, clock: Callable[[], float],
+                 is_idle: IsIdle | None) -> None:
+        self._store = store
+        self.policies = dict(policies)
+        self.nss_dir = nss_dir
+        self.db_path = store.path
+        self._paths = (passwd_path, group_path)
+        self._clock = clock
+        self._is_idle = is_idle
+        self._reserved = P.pool_names(self.policies)
+        self._nss_lock = asyncio.Lock()
+        self._nss_want = 0
+        self._nss_done = 0
+        #: How many times this instance rewrote the NSS tables (for tests and metrics).
+        self.nss_rewrites = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, db_path: str | os.PathLike[str], policies: Mapping[str, VOPolicy],
+                   nss_dir: str | os.PathLike[str], *, passwd_path: str = PASSWD_PATH,
+                   group_path: str = GROUP_PATH, busy_timeout: float = 30.0,
+                   clock: Callable[[], float] = time.time, is_idle: IsIdle | None = None) -> "AMS":
+        """Validate the policies' ranges, open/migrate the store, and bring the NSS tables up to date.
+
+        ``is_idle(uid)``, when given, lets a login that finds its pool
+        exhausted reclaim expired, idle pool leases on the spot.
+        ``clock`` (epoch seconds) is for tests.  Raises
+        :class:`~xos_sshd.ams.model.RangeError` for bad ranges.
+        """
+        validate_policies(policies, passwd_path, group_path)
+        store = await Store.open(os.fspath(db_path), busy_timeout=busy_timeout)
+        ams = cls(store, policies, os.fspath(nss_dir), passwd_path=passwd_path, group_path=group_path,
+                  clock=clock, is_idle=is_idle)
+        try:
+            # After a crash between a commit and its rewrite the tables lag: catch up now.
+            await ams._sync_nss(clean=True)
+        except BaseException:
+            await store.close()
+            raise
+        return ams
+
+    async def close(self) -> None:
+        """Close the database connection."""
+        await self._store.close()
+
+    async def __aenter__(self) -> "AMS":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- mapping -------------------------------------------------------------------
+
+    def _policy(self, vo: str) -> VOPolicy:
+        pol = self.policies.get(vo)
+        if pol is None:
+            raise MappingRefused("unknown-vo", f"VO {vo!r} has no account mapping policy on this node")
+        return pol
+
+    def _ctx(self) -> P.Context:
+        return P.Context(self.policies, self._clock(), *self._paths, reserved_names=self._reserved)
+
+    async def map_identity(self, identity: P.IdentityLike) -> LocalAccount:
+        """The identity's account: renew its lease, or create/lease one on first login.
+
+        One transaction.  Raises :class:`MappingRefused` (``banned``,
+        ``pool-exhausted``, ``range-exhausted``, ``not-in-static-table``,
+        ``invalid-static-account``, ``unknown-vo``).
+        """
+        return await _shielded(self._map_identity(identity))
+
+    async def _map_identity(self, identity: P.IdentityLike) -> LocalAccount:
+        pol = self._policy(identity.vo)
+        try:
+            return await self._map_once(pol, identity)
+        except MappingRefused as exc:
+            if exc.reason != "pool-exhausted" or self._is_idle is None:
+                raise
+            if not await self._reclaim(self._is_idle, vo=pol.vo, kind="pool"):
+                raise
+            return await self._map_once(pol, identity)
+
+    async def _map_once(self, pol: VOPolicy, identity: P.IdentityLike) -> LocalAccount:
+        ctx = self._ctx()
+        static_pw = None
+        static_err: MappingRefused | None = None
+        if pol.kind == "static":
+            try:
+                static_pw = P.resolve_static(pol, identity, ctx)
+            except MappingRefused as exc:
+                static_err = exc
+        key = (identity.vo, identity.user, P.role_key(pol, identity))
+        changed = False
+        refuse: MappingRefused | None = None
+        account: LocalAccount | None = None
+        async with self._store.write() as txn:
+            row = await txn.one("SELECT * FROM mappings WHERE vo = ? AND vo_user = ? AND role = ?", key)
+            if row is not None and row["banned"]:
+                raise MappingRefused("banned", f"account {row['name']!r} of {identity.user}@{identity.vo} is banned")
+            if row is not None and row["kind"] == "static" and (
+                static_pw is None or (static_pw.pw_name, static_pw.pw_uid) != (row["name"], row["uid"])
+            ):
+                # The static table no longer says this: the old mapping goes
+                # (static accounts are not in the NSS tables: nothing to rewrite).
+                await self._delete(txn, ctx, row, "static table changed")
+                row = None
+            if row is not None:
+                if row["kind"] == "static":
+                    groups: tuple[tuple[str, int], ...] = ()
+                else:
+                    grp_changed, groups = await P.sync_groups(txn, ctx, pol, row["id"], identity.groups)
+                    changed = changed or grp_changed
+                await txn.execute(
+                    "UPDATE mappings SET last_seen = ?, lease_expires = ? WHERE id = ?",
+                    (ctx.now, ctx.now + pol.lease_seconds, row["id"]),
+                )
+                account = _account(row, groups)
+            elif static_err is not None:
+                refuse = static_err
+            else:
+                if pol.kind == "dynamic":
+                    mid = await P.create_dynamic(txn, ctx, pol, identity)
+                elif pol.kind == "pool":
+                    mid = await P.create_pool(txn, ctx, pol, identity)
+                else:
+                    assert static_pw is not None
+                    mid = await P.create_static(txn, ctx, pol, identity, static_pw)
+                new = await txn.one("SELECT * FROM mappings WHERE id = ?", (mid,))
+                assert new is not None
+                groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, mid))
+                account = _account(new, groups)
+                changed = changed or pol.kind != "static"
+        if changed or self._nss_want > self._nss_done:
+            await self._sync_nss()
+        if refuse is not None:
+            raise refuse
+        assert account is not None
+        if pol.kind == "static":
+            account = _replace_groups(account, _static_groups(account.name, account.gid))
+        return account
+
+    async def find_mapping(self, identity: P.IdentityLike) -> LocalAccount | None:
+        """The identity's current account, or ``None``; never creates, never renews.
+
+        Raises ``MappingRefused('banned')`` for a banned mapping.
+        """
+        pol = self.policies.get(identity.vo)
+        if pol is None:
+            return None
+        key = (identity.vo, identity.user, P.role_key(pol, identity))
+        async with self._store.read() as txn:
+            row = await txn.one("SELECT * FROM mappings WHERE vo = ? AND vo_user = ? AND role = ?", key)
+            if row is None:
+                return None
+            if row["banned"]:
+                raise MappingRefused("banned", f"account {row['name']!r} of {identity.user}@{identity.vo} is banned")
+            groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, row["id"]))
+        if row["kind"] == "static":
+            groups = _static_groups(row["name"], row["gid"])
+        return _account(row, groups)
+
+    # -- leases --------------------------------------------------------------------
+
+    async def reclaim_expired(self, is_idle: IsIdle) -> list[str]:
+        """Free every mapping whose lease expired and whose account ``is_idle(uid)``.
+
+        Pool accounts become free for the next login, dynamic accounts are
+        deleted (their uid may then be reused), static mappings are
+        forgotten.  Banned and pinned mappings are kept.  A mapping renewed
+        between the idle check and the delete is kept.  ``is_idle`` runs
+        on the event loop, outside any transaction.  Returns the names freed.
+        """
+        return await _shielded(self._reclaim(is_idle))
+
+    async def _reclaim(self, is_idle: IsIdle, vo: str | None = None, kind: str | None = None) -> list[str]:
+        now = self._clock()
+        sql = "SELECT * FROM mappings WHERE lease_expires <= ? AND banned = 0 AND pinned = 0"
+        args: list[Any] = [now]
+        if vo is not None:
+            sql, args = sql + " AND vo = ?", args + [vo]
+        if kind is not None:
+            sql, args = sql + " AND kind = ?", args + [kind]
+        async with self._store.read() as txn:
+            candidates = await txn.all(sql + " ORDER BY lease_expires", args)
+        idle = [r for r in candidates if is_idle(r["uid"])]
+        if not idle:
+            return []
+        freed: list[str] = []
+        ctx = self._ctx()
+        async with self._store.write() as txn:
+            for cand in idle:
+                row = await txn.one(
+                    "SELECT * FROM mappings WHERE id = ? AND uid = ? AND lease_expires <= ?"
+                    " AND banned = 0 AND pinned = 0",
+                    (cand["id"], cand["uid"], now),
+                )
+                if row is not None:
+                    await self._delete(txn, ctx, row, "lease expired, account idle")
+                    freed.append(row["name"])
+        if freed:
+            await self._sync_nss()
+        return freed
+
+    @staticmethod
+    async def _delete(txn: Txn, ctx: P.Context, row: sqlite3.Row, detail: str) -> None:
+        await txn.execute("DELETE FROM mappings WHERE id = ?", (row["id"],))  # cascades groups/members
+        await P.record_history(txn, ctx.now, "released", row["uid"], row["name"], row["vo"], row["vo_user"],
+                               row["role"], detail)
+
+    # -- admin ---------------------------------------------------------------------
+
+    async def release(self, name: str) -> None:
+        """Free the mapping of account ``name`` now (the caller checks it is idle)."""
+        await _shielded(self._admin(name, "release"))
+
+    async def ban(self, name: str) -> None:
+        """Ban account ``name``: logins refuse ``banned``, NSS drops it; the mapping is kept."""
+        await _shielded(self._admin(name, "ban"))
+
+    async def unban(self, name: str) -> None:
+        """Lift a ban."""
+        await _shielded(self._admin(name, "unban"))
+
+    async def pin(self, name: str, pinned: bool = True) -> None:
+        """Pin (or unpin) a mapping: a pinned mapping is never reclaimed."""
+        await _shielded(self._admin(name, "pin" if pinned else "unpin"))
+
+    async def _admin(self, name: str, action: str) -> None:
+        ctx = self._ctx()
+        nss = False
+        async with self._store.write() as txn:
+            row = await txn.one("SELECT * FROM mappings WHERE name = ?", (name,))
+            if row is None:
+                raise UnknownMapping(f"no mapping for account {name!r}")
+            hist = (row["uid"], row["name"], row["vo"], row["vo_user"], row["role"])
+            if action == "release":
+                await self._delete(txn, ctx, row, "released by admin")
+                nss = row["kind"] != "static"
+            elif action in ("ban", "unban"):
+                flag = 1 if action == "ban" else 0
+                if row["banned"] != flag:
+                    await txn.execute("UPDATE mappings SET banned = ? WHERE id = ?", (flag, row["id"]))
+                    await P.record_history(txn, ctx.now, f"{action}ned", *hist)
+                    nss = row["kind"] != "static"
+            else:
+                flag = 1 if action == "pin" else 0
+                if row["pinned"] != flag:
+                    await txn.execute("UPDATE mappings SET pinned = ? WHERE id = ?", (flag, row["id"]))
+                    await P.record_history(txn, ctx.now, f"{action}ned", *hist)
+        if nss:
+            await self._sync_nss()
+
+    async def get_mapping(self, name: str) -> MappingRecord | None:
+        """The mapping of account ``name``, or ``None``."""
+        recs = await self._records("WHERE m.name = ?", (name,))
+        return recs[0] if recs else None
+
+    async def mapping_for_uid(self, uid: int) -> MappingRecord | None:
+        """The mapping that owns ``uid`` (e.g. a control-socket peer), or ``None``."""
+        recs = await self._records("WHERE m.uid = ?", (uid,))
+        return recs[0] if recs else None
+
+    async def list_mappings(self) -> list[MappingRecord]:
+        """Every mapping (banned ones included), by uid."""
+        return await self._records("", ())
+
+    async def _records(self, where: str, args: tuple[Any, ...]) -> list[MappingRecord]:
+        async with self._store.read() as txn:
+            rows = await txn.all(f"SELECT * FROM mappings m {where} ORDER BY m.uid", args)
+            mem = await txn.all(
+                "SELECT mb.mapping_id, g.name, g.gid FROM members mb JOIN groups g ON g.gid = mb.gid"
+                " ORDER BY g.gid"
+            ) if rows else []
+        by_map: dict[int, list[tuple[str, int]]] = {}
+        for r in mem:
+            by_map.setdefault(r[0], []).append((r[1], r[2]))
+        return [
+            MappingRecord(
+                account=_account(r, tuple(by_map.get(r["id"], ()))), kind=r["kind"],
+                created_at=_dt(r["created_at"]), last_seen=_dt(r["last_seen"]),
+                lease_expires=_dt(r["lease_expires"]), banned=bool(r["banned"]), pinned=bool(r["pinned"]),
+            )
+            for r in rows
+        ]
+
+    async def history(self, name: str | None = None, limit: int | None = None) -> list[HistoryEvent]:
+        """Events of ``mapping_history`` (all, or of account ``name``), oldest first."""
+        sql = "SELECT * FROM mapping_history"
+        args: list[Any] = []
+        if name is not None:
+            sql, args = sql + " WHERE name = ?", [name]
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            args.append(int(limit))
+        async with self._store.read() as txn:
+            rows = await txn.all(sql, args)
+        return [
+            HistoryEvent(at=_dt(r["at"]), event=r["event"], name=r["name"], uid=r["uid"], vo=r["vo"],
+                         vo_user=r["vo_user"], role=r["role"] or None, detail=r["detail"])
+            for r in rows
+        ]
+
+    # -- NSS tables ----------------------------------------------------------------
+
+    async def rewrite_nss(self) -> None:
+        """Rewrite the NSS tables from the database now."""
+        await _shielded(self._sync_nss())
+
+    async def _sync_nss(self, clean: bool = False) -> None:
+        """Rewrite the tables unless a rewrite that started after our change already did.
+
+        Concurrent callers in this instance coalesce: each bumps ``want``;
+        whoever gets the lock writes the state as of then and marks every
+        ``want`` up to then done.
+        """
+        self._nss_want += 1
+        target = self._nss_want
+        async with self._nss_lock:
+            if self._nss_done >= target:
+                return
+            target = self._nss_want
+            await asyncio.to_thread(rewrite_nss_sync, self.db_path, self.nss_dir, self._store.busy_timeout, clean)
+            self.nss_rewrites += 1
+            self._nss_done = max(self._nss_done, target)
+
+
+def _replace_groups(acc: LocalAccount, groups: tuple[tuple[str, int], ...]) -> LocalAccount:
+    from dataclasses import replace
+
+    return replace(acc, groups=groups)
+
+
+async def _shielded(coro: Awaitable[T]) -> T:
+    """Run ``coro`` to completion even if the caller is cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # The caller goes away; the work finishes (and logs its own failure).
+        task.add_done_callback(_log_failure)
+        raise
+
+
+def _log_failure(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("AMS operation failed after its caller was cancelled", exc_info=task.exception())

@@ -1,0 +1,273 @@
+"""The AMS store: sqlite in WAL mode through aiosqlite.
+
+Why it looks like this:
+
+* **WAL + ``synchronous=FULL``**: readers never block the writer, and a
+  transaction that returned from ``COMMIT`` survives a ``kill -9`` (and a
+  power cut).  sqlite's journal makes an interrupted transaction vanish
+  whole, so a crash never leaves half a mapping.
+* **``BEGIN IMMEDIATE`` for every change**: the write lock is taken at the
+  start, so two gateways (or two processes, or two AMS instances in one
+  process) that map the same identity at once are serialised; the second
+  sees the first's committed row.  A deferred transaction would read first
+  and fail to upgrade (``SQLITE_BUSY_SNAPSHOT``) instead.
+* **busy timeout**: waiting writers sleep in sqlite's busy handler rather
+  than failing.
+* **Constraints in the schema** (``UNIQUE`` uid/name/key, foreign keys,
+  ``CHECK``s, append-only history triggers) so that no code path, present
+  or future, can make one account serve two identities.
+
+The schema is versioned with ``PRAGMA user_version`` and upgraded by the
+ordered :data:`MIGRATIONS` inside one ``BEGIN IMMEDIATE`` transaction, so
+concurrent openers migrate exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import aiosqlite
+
+#: Each migration is a list of single SQL statements (no ``executescript``:
+#: it would COMMIT behind our back).  Migration ``i`` brings the schema
+#: from version ``i`` to ``i + 1``.  Append only; never edit a released one.
+MIGRATIONS: list[list[str]] = [
+    [
+        # One row per live mapping.  role is '' (not NULL) when roles are not
+        # mapped, so that the UNIQUE key really is unique (NULLs are distinct).
+        """CREATE TABLE mappings (
+            id            INTEGER PRIMARY KEY,
+            vo            TEXT    NOT NULL,
+            vo_user       TEXT    NOT NULL,
+            role          TEXT    NOT NULL DEFAULT '',
+            kind          TEXT    NOT NULL CHECK (kind IN ('dynamic', 'pool', 'static')),
+            name          TEXT    NOT NULL UNIQUE,
+            uid           INTEGER NOT NULL UNIQUE CHECK (uid >= 1000 AND uid <> 65534),
+            gid           INTEGER NOT NULL CHECK (kind = 'static' OR (gid >= 1000 AND gid <> 65534)),
+            home          TEXT    NOT NULL,
+            shell         TEXT    NOT NULL,
+            gecos         TEXT    NOT NULL,
+            created_at    REAL    NOT NULL,
+            last_seen     REAL    NOT NULL,
+            lease_expires REAL    NOT NULL,
+            banned        INTEGER NOT NULL DEFAULT 0 CHECK (banned IN (0, 1)),
+            pinned        INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1)),
+            UNIQUE (vo, vo_user, role),
+            UNIQUE (id, gid)
+        )""",
+        # Local groups of dynamic/pool accounts: a private group per account
+        # (owner = the mapping, gid = the mapping's gid, deleted with it) and
+        # one group per VO group (shared, kept so its gid is never reused).
+        """CREATE TABLE groups (
+            gid      INTEGER PRIMARY KEY CHECK (gid >= 1000 AND gid <> 65534),
+            name     TEXT    NOT NULL UNIQUE,
+            vo       TEXT    NOT NULL,
+            kind     TEXT    NOT NULL CHECK (kind IN ('private', 'vo')),
+            owner    INTEGER UNIQUE,
+            vo_group TEXT,
+            CHECK ((kind = 'private') = (owner IS NOT NULL)),
+            CHECK ((kind = 'vo') = (vo_group IS NOT NULL)),
+            UNIQUE (vo, vo_group),
+            FOREIGN KEY (owner, gid) REFERENCES mappings (id, gid) ON DELETE CASCADE
+        )""",
+        """CREATE TABLE members (
+            mapping_id INTEGER NOT NULL REFERENCES mappings (id) ON DELETE CASCADE,
+            gid        INTEGER NOT NULL REFERENCES groups (gid) ON DELETE CASCADE,
+            PRIMARY KEY (mapping_id, gid)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX members_by_gid ON members (gid)",
+        "CREATE INDEX mappings_by_lease ON mappings (lease_expires)",
+        """CREATE TABLE mapping_history (
+            id      INTEGER PRIMARY KEY,
+            at      REAL    NOT NULL,
+            event   TEXT    NOT NULL CHECK (event IN
+                        ('created', 'released', 'banned', 'unbanned', 'pinned', 'unpinned')),
+            uid     INTEGER NOT NULL,
+            name    TEXT    NOT NULL,
+            vo      TEXT    NOT NULL,
+            vo_user TEXT    NOT NULL,
+            role    TEXT    NOT NULL DEFAULT '',
+            detail  TEXT    NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX history_by_name ON mapping_history (name)",
+        """CREATE TRIGGER mapping_history_append_only_u BEFORE UPDATE ON mapping_history
+           BEGIN SELECT RAISE(ABORT, 'mapping_history is append-only'); END""",
+        """CREATE TRIGGER mapping_history_append_only_d BEFORE DELETE ON mapping_history
+           BEGIN SELECT RAISE(ABORT, 'mapping_history is append-only'); END""",
+    ],
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer xos-sshd; refuse rather than corrupt it."""
+
+
+class Txn:
+    """A thin wrapper of the connection inside one transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; return the rowcount (or lastrowid for an INSERT)."""
+        cur = await self.conn.execute(sql, args)
+        try:
+            if sql.lstrip()[:6].upper() == "INSERT":
+                return int(cur.lastrowid or 0)
+            return cur.rowcount
+        finally:
+            await cur.close()
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    async def one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        async with self.conn.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self.conn.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    async def scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        row = await self.one(sql, args)
+        return None if row is None else row[0]
+
+
+class Store:
+    """One aiosqlite connection to the AMS database, with serialised transactions.
+
+    One connection must not interleave two transactions, so every
+    transaction (read or write) of this instance holds ``self._lock``.
+    Separate :class:`Store` instances (other processes, other gateways)
+    are serialised by sqlite's own locking.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, path: str, busy_timeout: float) -> None:
+        self._conn = conn
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str, busy_timeout: float = 30.0) -> "Store":
+        """Open (creating and migrating if needed) the database at ``path``."""
+        conn = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            await _set_wal(conn, busy_timeout)
+            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            store = cls(conn, path, busy_timeout)
+            await store._migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._conn.close()
+
+    async def _migrate(self) -> None:
+        async with self.write() as txn:
+            version = int(await txn.scalar("PRAGMA user_version"))
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"{self.path}: schema version {version} is newer than this xos-sshd supports ({SCHEMA_VERSION})"
+                )
+            for v in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[v]:
+                    await txn.execute(stmt)
+            if version != SCHEMA_VERSION:
+                await txn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Txn]:
+        """A ``BEGIN IMMEDIATE`` transaction: committed on normal exit, rolled back on error."""
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Txn(self._conn)
+            except BaseException:
+                await _rollback(self._conn)
+                raise
+            await self._conn.execute("COMMIT")
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Txn]:
+        """A read transaction: every query inside sees the same snapshot."""
+        async with self._lock:
+            await self._conn.execute("BEGIN")
+            try:
+                yield Txn(self._conn)
+            finally:
+                await _rollback(self._conn)
+
+
+def nss_snapshot(conn: sqlite3.Connection) -> tuple[list[tuple[str, int, int, str, str, str]],
+                                                   list[tuple[str, int, list[str]]]]:
+    """Read what the NSS tables must hold, in one read transaction (sync sqlite3).
+
+    passwd: every dynamic/pool mapping that is not banned.  group: the
+    private group of each of those, and every VO group with its non-banned
+    members.  Static accounts are system accounts and appear in neither.
+    """
+    conn.execute("BEGIN")
+    try:
+        passwd = [
+            (r[0], r[1], r[2], r[3], r[4], r[5])
+            for r in conn.execute(
+                "SELECT name, uid, gid, gecos, home, shell FROM mappings"
+                " WHERE kind <> 'static' AND banned = 0 ORDER BY uid"
+            )
+        ]
+        members: dict[int, list[str]] = {}
+        for gid, name in conn.execute(
+            "SELECT mb.gid, m.name FROM members mb JOIN mappings m ON m.id = mb.mapping_id"
+            " WHERE m.banned = 0 AND m.kind <> 'static' ORDER BY mb.gid, m.name"
+        ):
+            members.setdefault(gid, []).append(name)
+        group: list[tuple[str, int, list[str]]] = []
+        for name, gid, kind, banned in conn.execute(
+            "SELECT g.name, g.gid, g.kind, m.banned FROM groups g LEFT JOIN mappings m ON m.id = g.owner"
+            " ORDER BY g.gid"
+        ):
+            if kind == "private" and banned:
+                continue
+            group.append((name, gid, members.get(gid, [])))
+    finally:
+        conn.execute("ROLLBACK")
+    return passwd, group
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.execute("ROLLBACK")
+    except sqlite3.OperationalError:
+        pass  # no transaction open (sqlite already rolled back after an error)
+
+
+async def _set_wal(conn: aiosqlite.Connection, busy_timeout: float) -> None:
+    """Switch to WAL; retry while another opener holds the lock the switch needs."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+                row = await cur.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot enable WAL mode (journal_mode={row[0] if row else None})")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)
