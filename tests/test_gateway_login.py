@@ -237,3 +237,30 @@ def test_pool_exhaustion_refuses_and_maps_nobody_twice(tmp_path: Path, dev_ca: V
         assert again.stdout == uids['ann'].stdout
     finally:
         gw.stop()
+
+
+def test_expired_idle_lease_is_reclaimed_and_home_archived(tmp_path: Path, dev_ca: VOCA,
+                                                           uid_range: tuple[int, int],
+                                                           home_base: Path) -> None:
+    import time
+    from conftest import dynamic_vo
+    vo = dynamic_vo(dev_ca, uid_range, home_base / 'home', lease_hours=1 / 3600)  # 1 s
+    gw = GatewayProcess.configure(tmp_path, {'dev': vo}, reclaim_interval_seconds=1).start()
+    try:
+        alice = dev_ca.issue('alice', tmp_path / 'alice')
+        first = gw.ssh_xos(alice, 'id -u; echo secret > $HOME/notes; echo $HOME')
+        uid, home = _lines(first.stdout)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and os.path.exists(home):
+            time.sleep(0.3)
+        assert not os.path.exists(home), gw.log()[-2000:]
+        attic = Path(home).parent / '.reclaimed'
+        assert stat.S_IMODE(attic.stat().st_mode) == 0o700 and attic.stat().st_uid == 0
+        archived = list(attic.glob('dev-alice.*'))
+        assert len(archived) == 1 and (archived[0] / 'notes').read_text() == 'secret\n'
+        assert any(e.get('action') == 'reclaimed' for e in gw.audit())
+        # a new login maps again and starts with an empty home
+        again = gw.ssh_xos(alice, 'ls -A $HOME | wc -l')
+        assert again.returncode == 0 and again.stdout.strip() == '0'
+    finally:
+        gw.stop()

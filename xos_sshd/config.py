@@ -63,6 +63,7 @@ class Config:
     login_grace_seconds: float = 30.0
     clock_skew_seconds: int = 300
     log_level: str = 'info'
+    reclaim_interval_seconds: float = 600.0
     source: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -84,7 +85,7 @@ class Config:
 
 _TOP_KEYS = {'state_dir', 'listen', 'host_keys', 'vo', 'audit_log', 'nss_dir', 'control_socket',
              'allow_port_forwarding', 'allow_agent_forwarding', 'login_grace_seconds',
-             'clock_skew_seconds', 'log_level'}
+             'clock_skew_seconds', 'log_level', 'reclaim_interval_seconds'}
 _VO_KEYS = {'ca', 'crl', 'crl_required', 'policy', 'uid_range', 'gid_range', 'lease_hours',
             'home_base', 'shell', 'account_prefix', 'map_roles', 'pool', 'static'}
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error')
@@ -122,6 +123,9 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     skew = _typed(raw, 'clock_skew_seconds', int, 300)
     if not 0 <= skew <= 3600:
         raise ConfigError('clock_skew_seconds', 'must be between 0 and 3600')
+    reclaim = _typed(raw, 'reclaim_interval_seconds', (int, float), 600)
+    if not 1 <= reclaim <= 86400:
+        raise ConfigError('reclaim_interval_seconds', 'must be between 1 and 86400')
     return Config(
         state_dir=state_dir,
         listen=tuple(_listen_address(a) for a in _str_list(raw, 'listen', [f'0.0.0.0:{DEFAULT_PORT}'])),
@@ -135,6 +139,7 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         login_grace_seconds=float(grace),
         clock_skew_seconds=skew,
         log_level=log_level,
+        reclaim_interval_seconds=float(reclaim),
         source=source,
     )
 

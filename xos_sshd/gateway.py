@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ from .auth.errors import AuthRefused
 from .auth.verifier import Verifier
 from .config import Config
 from .session.channel import SessionContext, UserSession
-from .session.home import HomeError, ensure_home
+from .session.home import HomeError, archive_home, ensure_home
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Gateway:
         self.ams = ams
         self.audit = audit
         self._servers: list[asyncssh.SSHAcceptor] = []
+        self._reclaimer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, config: Config) -> 'Gateway':
@@ -67,7 +69,32 @@ class Gateway:
             self._servers.append(server)
             for sock in server.sockets:
                 bound.append(sock.getsockname()[:2])
+        self._reclaimer = asyncio.create_task(self._reclaim_loop())
         return bound
+
+    async def _reclaim_loop(self) -> None:
+        """Free expired leases of idle accounts, now and then (design.md: leases)."""
+        while True:
+            await asyncio.sleep(self.config.reclaim_interval_seconds)
+            try:
+                await self.reclaim_once()
+            except Exception:
+                log.exception('lease reclaim failed; will retry')
+
+    async def reclaim_once(self) -> list[str]:
+        """One reclaim pass: an account is idle when no process runs under its uid."""
+        homes = {r.account.name: r.account.home for r in await self.ams.list_mappings()
+                 if r.kind != 'static'}
+        busy = await asyncio.to_thread(running_uids)
+        freed = await self.ams.reclaim_expired(lambda uid: uid not in busy)
+        for name in freed:
+            self.audit.write('mapping', action='reclaimed', account=name)
+            if name in homes:
+                try:
+                    await asyncio.to_thread(archive_home, homes[name])
+                except (HomeError, OSError) as exc:
+                    log.error('could not archive the home of reclaimed %s: %s', name, exc)
+        return freed
 
     def check_certificate(self, key_data: bytes) -> sshhook.CertificateCheck:
         """Verify an offered certificate blob with the one verifier."""
@@ -76,6 +103,8 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop listening, close live connections, then the store and the log."""
+        if self._reclaimer is not None:
+            self._reclaimer.cancel()
         for server in self._servers:
             server.close()
             await server.wait_closed()
@@ -177,3 +206,15 @@ class ConnectionHandler(asyncssh.SSHServer):
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         # Remote forwarding binds as root: never below 1024, whatever the switch says.
         return self._gateway.config.allow_port_forwarding and listen_port >= 1024
+
+
+def running_uids() -> set[int]:
+    """The uids that own at least one process right now."""
+    uids = set()
+    for entry in os.scandir('/proc'):
+        if entry.name.isdigit():
+            try:
+                uids.add(entry.stat().st_uid)
+            except FileNotFoundError:
+                pass
+    return uids

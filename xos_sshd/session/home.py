@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 
 from ..ams import LocalAccount
 
@@ -54,3 +55,26 @@ def _check_base(base: str) -> None:
     st = os.lstat(base)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         raise HomeError(f'home base {base} must be a root-owned directory not writable by others')
+
+
+def archive_home(home: str) -> str | None:
+    """Move a reclaimed account's home out of reach; return where it went (None: no home).
+
+    A reclaimed uid or pool account is handed to the next person: their files must not be.
+    The home is renamed (a root operation inside the root-owned base, nothing below it is
+    opened) into ``<base>/.reclaimed/``, a root-only 0700 directory, for the admin to keep or
+    delete.
+    """
+    base = os.path.dirname(home)
+    _check_base(base)
+    if not os.path.lexists(home):
+        return None
+    attic = os.path.join(base, '.reclaimed')
+    os.makedirs(attic, 0o700, exist_ok=True)
+    st = os.lstat(attic)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise HomeError(f'{attic} must be a root-owned 0700 directory')
+    target = os.path.join(attic, f'{os.path.basename(home)}.{int(time.time())}')
+    os.rename(home, target)
+    log.info('archived home %s of a reclaimed account to %s', home, target)
+    return target
