@@ -264,3 +264,37 @@ def test_expired_idle_lease_is_reclaimed_and_home_archived(tmp_path: Path, dev_c
         assert again.returncode == 0 and again.stdout.strip() == '0'
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize('allowed', [False, True])
+async def test_agent_forwarding_follows_the_config_switch(tmp_path: Path, dev_ca: VOCA,
+                                                          uid_range: tuple[int, int],
+                                                          home_base: Path, allowed: bool) -> None:
+    import asyncio
+    import asyncssh
+    from conftest import dynamic_vo
+    vo = dynamic_vo(dev_ca, uid_range, home_base / 'home')
+    gw = GatewayProcess.configure(tmp_path, {'dev': vo}, allow_agent_forwarding=allowed).start()
+    agent_sock = tmp_path / 'agent.sock'
+    agent = subprocess.Popen(['ssh-agent', '-D', '-a', str(agent_sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if agent_sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        alice = dev_ca.issue('alice', tmp_path / 'alice')
+        key = asyncssh.read_private_key(f'{alice}.key')
+        cert = asyncssh.read_certificate(f'{alice}.pem')
+        async with asyncssh.connect('127.0.0.1', gw.port, username='alice', known_hosts=None,
+                                    client_keys=[(key, cert)], agent_path=str(agent_sock),
+                                    agent_forwarding=True) as conn:
+            result = await asyncio.wait_for(conn.run('ssh-add -l; echo "sock=$SSH_AUTH_SOCK"'), 20)
+        # ssh-add -l: 1 = agent reached but holds no keys, 2 = no agent at all
+        out = result.stdout
+        if allowed:
+            assert 'The agent has no identities' in out and 'sock=/' in out, (out, result.stderr)
+        else:
+            assert 'sock=\n' in out and 'The agent has no identities' not in out
+    finally:
+        agent.terminate()
+        gw.stop()

@@ -147,6 +147,10 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         argv = ['-' + base] if self._command is None else [base, '-c', self._command]
         env = session_environment(self._ctx.identity, account, self._chan.get_environment(),
                                   self._term[0] if self._term else None)
+        agent_path = self._chan.get_agent_path()  # set only when the config allows forwarding
+        if agent_path:
+            _hand_over_agent_socket(agent_path, account)
+            env['SSH_AUTH_SOCK'] = agent_path
         if self._term is not None:
             self._start_with_pty(shell, argv, env)
         else:
@@ -275,3 +279,13 @@ def _set_window_size(fd: int, size: tuple[int, int, int, int]) -> None:
     """TIOCSWINSZ takes rows, columns, x pixels, y pixels; SSH sends columns first."""
     width, height, pixwidth, pixheight = size
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack('HHHH', height, width, pixwidth, pixheight))
+
+
+def _hand_over_agent_socket(path: str, account: LocalAccount) -> None:
+    """Give the forwarded-agent socket asyncssh made (root, mkdtemp 0700) to the account.
+
+    Both paths were created by root moments ago with unguessable names; the socket is
+    chowned before its directory, so the user never holds a directory root still works in.
+    """
+    os.chown(path, account.uid, account.gid, follow_symlinks=False)
+    os.chown(os.path.dirname(path), account.uid, account.gid, follow_symlinks=False)
