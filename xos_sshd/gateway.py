@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from datetime import timedelta
 from typing import Any
 
 import asyncssh
@@ -39,30 +38,31 @@ SERVER_OPTIONS: dict[str, Any] = dict(
 class Gateway:
     """Everything one running gateway shares between its connections."""
 
-    def __init__(self, config: Config, verifier: Verifier, ams: AMS, audit: AuditLog):
+    def __init__(self, config: Config, verifier: Verifier, host_keys: list[asyncssh.SSHKey],
+                 ams: AMS, audit: AuditLog):
         self.config = config
         self.verifier = verifier
+        self.host_keys = host_keys
         self.ams = ams
         self.audit = audit
         self._servers: list[asyncssh.SSHAcceptor] = []
         self._reclaimer: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, config: Config) -> 'Gateway':
-        """Load trust, open the AMS store and the audit log (nothing listens yet)."""
+    async def open(cls, config: Config, verifier: Verifier,
+                   host_keys: list[asyncssh.SSHKey]) -> 'Gateway':
+        """Open the AMS store and the audit log around checked trust (nothing listens yet)."""
         config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        verifier = Verifier(config.trusts, clock_skew=timedelta(seconds=config.clock_skew_seconds))
         ams = await AMS.open(config.ams_db, config.policies, config.nss_dir)
-        return cls(config, verifier, ams, AuditLog(config.audit_log))
+        return cls(config, verifier, host_keys, ams, AuditLog(config.audit_log))
 
     async def listen(self) -> list[tuple[str, int]]:
         """Start listening on every configured address; return the bound (host, port)s."""
-        host_keys = [asyncssh.read_private_key(str(path)) for path in self.config.host_keys]
         bound = []
         for address in self.config.listen:
             server = await asyncssh.create_server(
                 lambda: ConnectionHandler(self), address.host, address.port,
-                server_host_keys=host_keys, reuse_address=True,
+                server_host_keys=self.host_keys, reuse_address=True,
                 login_timeout=self.config.login_grace_seconds,
                 agent_forwarding=self.config.allow_agent_forwarding,
                 **SERVER_OPTIONS)

@@ -7,11 +7,15 @@ import asyncio
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+import asyncssh
 import uvloop
 
 from .ams.ranges import RangeError, validate_policies
+from .auth.errors import TrustConfigError
+from .auth.verifier import Verifier
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger('xos_sshd')
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(devmode.prepare(args.state_dir, args.port))
         else:
             config = load_config(args.config)
-        validate_policies(config.policies)
+        verifier, host_keys = check_config(config)
     except (ConfigError, RangeError) as exc:
         print(f'xos-sshd: configuration error: {exc}', file=sys.stderr)
         return EXIT_CONFIG
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import devmode
         banner = devmode.login_help(args.state_dir, args.port)
     try:
-        return uvloop.run(_serve(config, banner))
+        return uvloop.run(_serve(config, verifier, host_keys, banner))
     except KeyboardInterrupt:
         return 0
 
@@ -75,11 +79,31 @@ def _setup_logging(level: str) -> None:
     logging.getLogger('aiosqlite').setLevel(logging.WARNING)
 
 
-async def _serve(config: Config, banner: str | None) -> int:
+def check_config(config: Config) -> tuple[Verifier, list[asyncssh.SSHKey]]:
+    """Everything that can be checked before start: ranges, CA files, host keys.
+
+    Returns the loaded trust and host keys, so the gateway starts from exactly what was checked.
+    """
+    validate_policies(config.policies)
+    try:
+        verifier = Verifier(config.trusts, clock_skew=timedelta(seconds=config.clock_skew_seconds))
+    except TrustConfigError as exc:
+        raise ConfigError('vo', str(exc)) from None
+    host_keys = []
+    for path in config.host_keys:
+        try:
+            host_keys.append(asyncssh.read_private_key(str(path)))
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise ConfigError('host_keys', f'{path}: {getattr(exc, "strerror", None) or exc}') from None
+    return verifier, host_keys
+
+
+async def _serve(config: Config, verifier: Verifier, host_keys: list[asyncssh.SSHKey],
+                 banner: str | None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP re-reads CAs and CRLs and reopens the audit log."""
     from .gateway import Gateway
     try:
-        gateway = await Gateway.open(config)
+        gateway = await Gateway.open(config, verifier, host_keys)
         bound = await gateway.listen()
     except (OSError, ValueError) as exc:
         log.error('cannot start: %s', exc)
@@ -101,9 +125,13 @@ async def _serve(config: Config, banner: str | None) -> int:
 
 
 def _reload(gateway) -> None:
-    gateway.verifier.reload()
+    try:
+        gateway.verifier.reload()
+    except TrustConfigError as exc:
+        log.error('reload refused, keeping the previous CAs: %s', exc)
+    else:
+        log.info('reloaded CAs and CRLs')
     gateway.audit.reopen()
-    log.info('reloaded CAs and CRLs, reopened the audit log')
 
 
 if __name__ == '__main__':
