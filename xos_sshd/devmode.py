@@ -9,6 +9,7 @@ path as a production one.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -64,12 +65,13 @@ def login_help(state_dir: Path, port: int) -> str:
     """The exact commands that log in to the dev gateway, for the start-up banner."""
     state_dir = state_dir.resolve()
     prefix = state_dir / 'users' / DEMO_USER
+    bin_dir = Path(sys.executable).parent  # the venv's scripts, so the commands work as printed
     return (f'log in as the demo VO user {DEMO_USER!r} (VO {DEV_VO!r}):\n'
-            f'  ssh-xos -i {prefix} -p {port} 127.0.0.1\n'
+            f'  {bin_dir}/ssh-xos -i {prefix} -p {port} 127.0.0.1\n'
             f'  ssh -i {prefix}.key -o CertificateFile={prefix}-cert.pub '
             f'-o StrictHostKeyChecking=accept-new -p {port} {DEMO_USER}@127.0.0.1\n'
             f'issue more users:\n'
-            f'  xos-ca issue {state_dir / "ca"} --user bob --group physics --out bob\n')
+            f'  {bin_dir}/xos-ca issue {state_dir / "ca"} --user bob --group physics --out bob\n')
 
 
 def _host_key(directory: Path, algorithm: str) -> Path:
