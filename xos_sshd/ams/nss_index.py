@@ -14,14 +14,14 @@ next lookup notices the new inode with one stat().
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import sys
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from ..fsutil import atomic_write
 
 __all__ = [
     "INDEX_NAME",
@@ -371,32 +371,6 @@ def read_header(path: Path) -> dict | None:
     }
 
 
-def _replace_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync dir."""
-    directory = path.parent
-    # ".<name>.tmp.*": the pattern nss_tables.remove_stale_temps() cleans up
-    # after a writer that crashed between create and rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600; NSS readers are anyone
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def write_index(
     nss_dir: Path,
     passwd_entries: list[PasswdEntry],
@@ -415,5 +389,5 @@ def write_index(
     generation = old["generation"] + 1 if old else 1
     data = build_index(passwd_entries, group_entries, generation)
     nss_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    _replace_atomically(path, data)
+    atomic_write(path, data)
     return generation

@@ -20,8 +20,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import secrets
 from typing import Callable, Sequence
+
+from ..fsutil import TMP_MARK, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ PasswdEntry = tuple[str, int, int, str, str, str]
 GroupEntry = tuple[str, int, list[str]]
 
 TABLE_MODE = 0o644
-TMP_MARK = ".tmp."
 LOCK_NAME = ".lock"
 
 
@@ -58,39 +58,6 @@ def render_group(entries: Sequence[GroupEntry]) -> bytes:
     """The /etc/group format, one line per entry, password field ``x``."""
     lines = [f"{name}:x:{gid}:{','.join(members)}\n" for name, gid, members in entries]
     return "".join(lines).encode("utf-8")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes, mode: int = TABLE_MODE) -> None:
-    """Replace ``path`` with ``data``: temp in the same dir, fsync, rename, fsync dir."""
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 class NSSLock:

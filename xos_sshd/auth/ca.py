@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import sshcert
+from .. import fsutil
 from .errors import AuthRefused
 from .profile import (
     GROUP_RULE,
@@ -70,44 +70,12 @@ class CAError(Exception):
 # --- files --------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, overwrite: bool = True) -> None:
-    """Publish ``data`` at ``path`` atomically with permissions ``mode``.
-
-    Write a temporary file in the same directory, fsync it, then ``rename`` over ``path`` (or,
-    with ``overwrite=False``, ``link`` it, which fails if ``path`` exists), then fsync the
-    directory. The file never exists with looser permissions than ``mode``.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """:func:`xos_sshd.fsutil.atomic_write`, refusing to replace a CA file with a CAError."""
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CAError(f"{path} already exists; refusing to overwrite it") from None
-            os.unlink(tmp)
-        _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        fsutil.atomic_write(path, data, mode, overwrite=overwrite)
+    except FileExistsError:
+        raise CAError(f"{path} already exists; refusing to overwrite it") from None
 
 
 def _private_pem(key: CAPrivateKey) -> bytes:
