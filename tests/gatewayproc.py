@@ -85,6 +85,7 @@ class GatewayProcess:
     config: Path
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default=Path('/dev/null'))
+    control_socket: Path = field(default=Path('/dev/null'))
 
     @classmethod
     def configure(cls, base: Path, vos: dict[str, dict[str, Any]], **top: Any) -> 'GatewayProcess':
@@ -97,8 +98,9 @@ class GatewayProcess:
         if not host_key.exists():
             run('ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(host_key))
         port = top.pop('port', None) or free_port()
+        control = Path(top.pop('control_socket', None) or state / 'control.sock')
         lines = [f'state_dir = "{state}"', f'listen = ["127.0.0.1:{port}"]',
-                 f'host_keys = ["{host_key}"]', f'control_socket = "{state}/control.sock"']
+                 f'host_keys = ["{host_key}"]', f'control_socket = "{control}"']
         lines += [f'{k} = {_toml(v)}' for k, v in top.items()]
         for name, table in vos.items():
             lines.append(f'[vo.{name}]')
@@ -109,7 +111,8 @@ class GatewayProcess:
                     lines += [f'{kk} = {_toml(vv)}' for kk, vv in v.items()]
         config = base / 'config.toml'
         config.write_text('\n'.join(lines) + '\n')
-        return cls(base, port, state, config, log_path=base / 'gateway.log')
+        return cls(base, port, state, config, log_path=base / 'gateway.log',
+                   control_socket=control)
 
     def start(self, debug: bool = True) -> 'GatewayProcess':
         log = open(self.log_path, 'ab')
@@ -156,6 +159,15 @@ class GatewayProcess:
         if login:
             argv += ['-l', login]
         return run(*argv, '127.0.0.1', *command, check=check, **kw)
+
+    def connect(self, prefix: Path, login: str = 'alice', **kw: Any) -> Any:
+        """An asyncssh client connection with the XOS-cert at *prefix* (async context manager)."""
+        import asyncssh
+        key = asyncssh.read_private_key(f'{prefix}.key')
+        cert = asyncssh.read_certificate(f'{prefix}.pem')
+        kw.setdefault('agent_path', None)
+        return asyncssh.connect('127.0.0.1', self.port, username=login, known_hosts=None,
+                                client_keys=[(key, cert)], **kw)
 
     def ssh(self, prefix: Path, login: str, *command: str, check: bool = False,
             **kw: Any) -> subprocess.CompletedProcess[str]:

@@ -167,12 +167,8 @@ def test_interactive_pty_session(gateway: GatewayProcess, dev_ca: VOCA, tmp_path
 async def test_window_change_reaches_the_pty(gateway: GatewayProcess, dev_ca: VOCA,
                                              tmp_path: Path) -> None:
     import asyncio
-    import asyncssh
     alice = dev_ca.issue('alice', tmp_path / 'alice')
-    key = asyncssh.read_private_key(f'{alice}.key')
-    cert = asyncssh.read_certificate(f'{alice}.pem')
-    async with asyncssh.connect('127.0.0.1', gateway.port, username='alice', known_hosts=None,
-                                client_keys=[(key, cert)], agent_path=None) as conn:
+    async with gateway.connect(alice) as conn:
         proc = await conn.create_process(term_type='xterm', term_size=(80, 24), encoding=None)
         proc.stdin.write(b'stty size\n')
         seen = b''
@@ -189,12 +185,8 @@ async def test_window_change_reaches_the_pty(gateway: GatewayProcess, dev_ca: VO
 async def test_client_signal_reaches_the_process(gateway: GatewayProcess, dev_ca: VOCA,
                                                  tmp_path: Path) -> None:
     import asyncio
-    import asyncssh
     alice = dev_ca.issue('alice', tmp_path / 'alice')
-    key = asyncssh.read_private_key(f'{alice}.key')
-    cert = asyncssh.read_certificate(f'{alice}.pem')
-    async with asyncssh.connect('127.0.0.1', gateway.port, username='alice', known_hosts=None,
-                                client_keys=[(key, cert)], agent_path=None) as conn:
+    async with gateway.connect(alice) as conn:
         proc = await conn.create_process('echo started; exec sleep 60', encoding=None)
         assert await asyncio.wait_for(proc.stdout.readline(), 10) == b'started\n'
         proc.send_signal('INT')
@@ -271,7 +263,6 @@ async def test_agent_forwarding_follows_the_config_switch(tmp_path: Path, dev_ca
                                                           uid_range: tuple[int, int],
                                                           home_base: Path, allowed: bool) -> None:
     import asyncio
-    import asyncssh
     from conftest import dynamic_vo
     vo = dynamic_vo(dev_ca, uid_range, home_base / 'home')
     gw = GatewayProcess.configure(tmp_path, {'dev': vo}, allow_agent_forwarding=allowed).start()
@@ -283,11 +274,7 @@ async def test_agent_forwarding_follows_the_config_switch(tmp_path: Path, dev_ca
                 break
             await asyncio.sleep(0.05)
         alice = dev_ca.issue('alice', tmp_path / 'alice')
-        key = asyncssh.read_private_key(f'{alice}.key')
-        cert = asyncssh.read_certificate(f'{alice}.pem')
-        async with asyncssh.connect('127.0.0.1', gw.port, username='alice', known_hosts=None,
-                                    client_keys=[(key, cert)], agent_path=str(agent_sock),
-                                    agent_forwarding=True) as conn:
+        async with gw.connect(alice, agent_path=str(agent_sock), agent_forwarding=True) as conn:
             result = await asyncio.wait_for(conn.run('ssh-add -l; echo "sock=$SSH_AUTH_SOCK"'), 20)
         # ssh-add -l: 1 = agent reached but holds no keys, 2 = no agent at all
         out = result.stdout
