@@ -30,8 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_uid_range(size: int = 1000, start: int = 300000) -> tuple[int, int]:
-    """A uid/gid range that no /etc/passwd or /etc/group entry falls into."""
+def free_uid_range(size: int = 1000, start: int | None = None) -> tuple[int, int]:
+    """A uid/gid range that no /etc/passwd or /etc/group entry falls into.
+
+    The default start depends on this process's pid: test runs clean their range up with
+    SIGKILL, so two runs on one machine must not share one.
+    """
+    if start is None:
+        start = 300000 + (os.getpid() % 200) * 1000
     used = set()
     for path, field_no in (('/etc/passwd', 2), ('/etc/group', 2), ('/etc/passwd', 3)):
         for line in Path(path).read_text().splitlines():

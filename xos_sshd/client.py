@@ -250,6 +250,7 @@ class _Client(asyncssh.SSHClient):
         self.kbdint_error: str | None = None
         self._answered = False
         self._rounds = 0
+        self._kbdint_attempts = 0
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         return self._policy.check_unknown(host, port, key)
@@ -259,7 +260,20 @@ class _Client(asyncssh.SSHClient):
         sys.stderr.flush()
 
     def kbdint_auth_requested(self) -> str | None:
-        return "" if self._kbdint else None
+        """Start keyboard-interactive; not again after an attempt that brought no challenge.
+
+        A stock sshd whose pam_xos cannot reach xos-sshd fails keyboard-interactive without
+        ever prompting; asyncssh would otherwise retry until sshd's MaxAuthTries and report
+        only "Too many authentication failures".
+        """
+        if not self._kbdint or (self._kbdint_attempts and not self._answered):
+            if self._kbdint and self.kbdint_error is None:
+                self.kbdint_error = ("keyboard-interactive authentication failed without an XOS "
+                                     "challenge (the server's pam_xos could not reach xos-sshd, "
+                                     "or the server does not use pam_xos)")
+            return None
+        self._kbdint_attempts += 1
+        return ""
 
     def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
                                   prompts: Sequence[tuple[str, bool]]) -> list[str] | None:

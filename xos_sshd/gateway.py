@@ -1,10 +1,12 @@
 """The gateway: an asyncssh server whose only door is an XOS-cert, whose sessions run as the
 mapped local account.
 
-One :class:`Gateway` per process owns the verifier, the AMS and the audit log; asyncssh
-creates one :class:`ConnectionHandler` per TCP connection.  A login succeeds only when the
-certificate verifies, the key proves possession, the login name is the VO user name or the
-account it maps to, and the AMS maps it; every attempt leaves one audit line.
+One :class:`Gateway` per process owns the verifier, the AMS, the audit log and the control
+socket (:mod:`xos_sshd.control`: pam_xos and ``xos-ams`` go through the same verifier and
+AMS calls); asyncssh creates one :class:`ConnectionHandler` per TCP connection.  A login
+succeeds only when the certificate verifies, the key proves possession, the login name is
+the VO user name or the account it maps to, and the AMS maps it; every attempt leaves one
+audit line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .auth import sshhook
 from .auth.errors import AuthRefused
 from .auth.verifier import Verifier
 from .config import Config
+from .control import ControlServer, control_ops
 from .session.channel import SessionContext, UserSession
 from .session.home import HomeError, archive_home, ensure_home
 
@@ -47,14 +50,23 @@ class Gateway:
         self.audit = audit
         self._servers: list[asyncssh.SSHAcceptor] = []
         self._reclaimer: asyncio.Task[None] | None = None
+        self.control = ControlServer(config.control_socket, control_ops(), self)
 
     @classmethod
     async def open(cls, config: Config, verifier: Verifier,
                    host_keys: list[asyncssh.SSHKey]) -> 'Gateway':
-        """Open the AMS store and the audit log around checked trust (nothing listens yet)."""
+        """Open the AMS store, the audit log and the control socket around checked trust
+        (no SSH port listens yet)."""
         config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         ams = await AMS.open(config.ams_db, config.policies, config.nss_dir)
-        return cls(config, verifier, host_keys, ams, AuditLog(config.audit_log))
+        gateway = cls(config, verifier, host_keys, ams, AuditLog(config.audit_log))
+        try:
+            await gateway.control.start()
+        except BaseException:
+            await ams.close()
+            gateway.audit.close()
+            raise
+        return gateway
 
     async def listen(self) -> list[tuple[str, int]]:
         """Start listening on every configured address; return the bound (host, port)s."""
@@ -96,6 +108,56 @@ class Gateway:
                     log.error('could not archive the home of reclaimed %s: %s', name, exc)
         return freed
 
+    async def authorize(self, username: str, identity: Any, *,
+                        existing_only: bool = False) -> LocalAccount:
+        """The login-name rule (design.md): the VO user name, or the account it maps to.
+
+        Renews (or, for an SSH login, creates) the mapping.  ``existing_only`` (PAM): the
+        identity must already hold a mapping and *username* must be that account.
+        """
+        if existing_only or username != identity.user:
+            existing = await self.ams.find_mapping(identity)
+            if existing is None and existing_only:
+                raise LoginRefused('not-mapped',
+                                   f'{identity.user}@{identity.vo} has no account on this node '
+                                   f'yet (the first login must go through xos-sshd)')
+            if existing is None or existing.name != username:
+                raise LoginRefused('login-name-mismatch',
+                                   f'certificate of {identity.user}@{identity.vo} may log in '
+                                   f'only as {identity.user!r} or its mapped account, '
+                                   f'not {username!r}')
+        account = await self.ams.map_identity(identity)
+        if existing_only and account.name != username:  # released and re-mapped meanwhile
+            raise LoginRefused('login-name-mismatch',
+                               f'{identity.user}@{identity.vo} now maps to {account.name!r}, '
+                               f'not {username!r}')
+        return account
+
+    async def prepare_home(self, account: LocalAccount) -> bool:
+        """Create the account's home on first login; True when it was created."""
+        try:
+            return await asyncio.to_thread(ensure_home, account)
+        except (HomeError, OSError) as exc:
+            raise LoginRefused('home-unavailable', str(exc)) from None
+
+    def audit_login(self, username: str, identity: Any, route: str | None, source: str | None,
+                    outcome: str, reason: str, message: str,
+                    account: LocalAccount | None = None, **extra: Any) -> None:
+        """The one audit line (and log line) of a login attempt, whichever door it came through."""
+        self.audit.write(
+            'login', outcome=outcome, reason=reason, message=message,
+            login=username, source=source, route=route,
+            vo=identity.vo if identity else None, user=identity.user if identity else None,
+            role=identity.role if identity else None,
+            serial=identity.serial if identity else None,
+            key=identity.key_fingerprint if identity else None,
+            account=account.name if account else None, uid=account.uid if account else None,
+            **extra)
+        level = logging.INFO if outcome == 'accepted' else logging.WARNING
+        log.log(level, 'login %s for %r from %s%s: %s%s', outcome, username, source or 'local',
+                f' via {route}' if route == 'pam' else '',
+                reason, f' ({message})' if message and outcome != 'accepted' else '')
+
     def check_certificate(self, key_data: bytes) -> sshhook.CertificateCheck:
         """Verify an offered certificate blob with the one verifier."""
         return sshhook.check_certificate(self.verifier.verify_x509_chain,
@@ -105,6 +167,7 @@ class Gateway:
         """Stop listening, close live connections, then the store and the log."""
         if self._reclaimer is not None:
             self._reclaimer.cancel()
+        await self.control.close()
         for server in self._servers:
             server.close()
             await server.wait_closed()
@@ -160,37 +223,17 @@ class ConnectionHandler(asyncssh.SSHServer):
         return True
 
     async def _authorize(self, username: str, identity: Any) -> LocalAccount:
-        """The login-name rule (design.md): the VO user name, or the account it maps to."""
-        if username != identity.user:
-            existing = await self._gateway.ams.find_mapping(identity)
-            if existing is None or existing.name != username:
-                raise LoginRefused('login-name-mismatch',
-                                   f'certificate of {identity.user}@{identity.vo} may log in '
-                                   f'only as {identity.user!r} or its mapped account, '
-                                   f'not {username!r}')
-        account = await self._gateway.ams.map_identity(identity)
-        try:
-            await asyncio.to_thread(ensure_home, account)
-        except (HomeError, OSError) as exc:
-            raise LoginRefused('home-unavailable', str(exc)) from None
+        account = await self._gateway.authorize(username, identity)
+        await self._gateway.prepare_home(account)
         return account
 
     def _audit_login(self, username: str, check: sshhook.CertificateCheck | None,
                      outcome: str, reason: str, message: str,
                      account: LocalAccount | None = None) -> None:
-        identity = check.identity if check else None
-        self._gateway.audit.write(
-            'login', outcome=outcome, reason=reason, message=message,
-            login=username, source=f'{self._peer[0]}:{self._peer[1]}',
-            route=check.route if check else None,
-            vo=identity.vo if identity else None, user=identity.user if identity else None,
-            role=identity.role if identity else None,
-            serial=identity.serial if identity else None,
-            key=identity.key_fingerprint if identity else None,
-            account=account.name if account else None, uid=account.uid if account else None)
-        level = logging.INFO if outcome == 'accepted' else logging.WARNING
-        log.log(level, 'login %s for %r from %s: %s%s', outcome, username, self._peer[0],
-                reason, f' ({message})' if message and outcome != 'accepted' else '')
+        self._gateway.audit_login(username, check.identity if check else None,
+                                  check.route if check else None,
+                                  f'{self._peer[0]}:{self._peer[1]}',
+                                  outcome, reason, message, account)
 
     # --- after authentication -------------------------------------------------------------
 

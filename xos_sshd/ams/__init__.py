@@ -7,6 +7,7 @@ See ``docs/internals.md`` (section "ams") for the contract and
 from .model import (
     HistoryEvent,
     LocalAccount,
+    MappingPreview,
     MappingRecord,
     MappingRefused,
     RangeError,
@@ -20,6 +21,7 @@ __all__ = [
     "AMS",
     "HistoryEvent",
     "LocalAccount",
+    "MappingPreview",
     "MappingRecord",
     "MappingRefused",
     "RangeError",

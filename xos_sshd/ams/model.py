@@ -97,6 +97,29 @@ class MappingRecord:
 
 
 @dataclass(frozen=True)
+class MappingPreview:
+    """What :meth:`AMS.map_identity` would do for an identity now (``AMS.explain``; never writes).
+
+    ``outcome``: ``existing`` (the identity holds ``account``; a login renews it), ``new`` (a
+    first login would create or lease ``account``; name and ids as of now), or ``refused``
+    (``reason`` is the :class:`MappingRefused` code a login would get; ``account`` is the
+    banned mapping for ``banned``, else ``None``).  ``policy`` is the VO's policy kind
+    (``None`` for a VO without a policy); ``record`` holds the lease of an existing mapping.
+    """
+
+    vo: str
+    user: str
+    role: str | None
+    policy: PolicyKind | None
+    outcome: Literal["existing", "new", "refused"]
+    account: LocalAccount | None
+    reason: str | None = None
+    message: str = ""
+    record: MappingRecord | None = None
+    vo_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class HistoryEvent:
     """One entry of the append-only ``mapping_history`` table."""
 

@@ -237,13 +237,19 @@ async def record_history(txn: Txn, at: float, event: str, uid: int, name: str, v
     )
 
 
-async def create_dynamic(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
-    """Create a dynamic account (name, uid, private group, VO groups); return the mapping id."""
+async def pick_dynamic(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> tuple[str, int, int]:
+    """The (name, uid, gid) a new dynamic account would get now (reads only)."""
     rk = role_key(pol, identity)
     base = pol.prefix + identity.user + (f"_{rk}" if rk else "")
     name = await pick_name(txn, ctx, base, f"{identity.vo}\0{identity.user}\0{rk}")
     uid = await lowest_free_uid(txn, ctx, pol)
     gid = await lowest_free_gid(txn, ctx, pol)
+    return name, uid, gid
+
+
+async def create_dynamic(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
+    """Create a dynamic account (name, uid, private group, VO groups); return the mapping id."""
+    name, uid, gid = await pick_dynamic(txn, ctx, pol, identity)
     home = f"{pol.home_base.rstrip('/')}/{name}"
     mid = await _insert_mapping(txn, ctx, pol, identity, "dynamic", name, uid, gid, home, pol.shell,
                                 gecos_for(identity))
@@ -254,8 +260,8 @@ async def create_dynamic(txn: Txn, ctx: Context, pol: VOPolicy, identity: Identi
     return mid
 
 
-async def create_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
-    """Lease the first free pool account; refuse ``pool-exhausted`` when none is free."""
+async def pick_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> tuple[str, int, int]:
+    """The (name, uid, gid) of the first free pool account (reads only); ``pool-exhausted`` if none."""
     assert pol.uid_range is not None and pol.gid_range is not None
     rows = await txn.all("SELECT name, uid FROM mappings")
     used_names = {r["name"] for r in rows}
@@ -280,6 +286,12 @@ async def create_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityL
     gid = pol.gid_range[0] + idx
     if not await _gid_free(txn, ctx, gid):
         gid = await lowest_free_gid(txn, ctx, pol)
+    return name, uid, gid
+
+
+async def create_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
+    """Lease the first free pool account; refuse ``pool-exhausted`` when none is free."""
+    name, uid, gid = await pick_pool(txn, ctx, pol, identity)
     home = f"{pol.home_base.rstrip('/')}/{name}"
     mid = await _insert_mapping(txn, ctx, pol, identity, "pool", name, uid, gid, home, pol.shell,
                                 gecos_for(identity))
@@ -326,15 +338,20 @@ def resolve_static(pol: VOPolicy, identity: IdentityLike, ctx: Context) -> pwd.s
     return pw
 
 
-async def create_static(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike,
-                        pw: pwd.struct_passwd) -> int:
-    """Record the static mapping (uid/name UNIQUE: one account, one identity)."""
+async def check_static_free(txn: Txn, pol: VOPolicy, pw: pwd.struct_passwd) -> None:
+    """Refuse ``invalid-static-account`` when the system account already serves another identity."""
     holder = await txn.one("SELECT vo, vo_user FROM mappings WHERE uid = ? OR name = ?", (pw.pw_uid, pw.pw_name))
     if holder is not None:
         raise MappingRefused(
             "invalid-static-account",
             f"VO {pol.vo!r}: static account {pw.pw_name!r} already serves {holder['vo_user']}@{holder['vo']}",
         )
+
+
+async def create_static(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike,
+                        pw: pwd.struct_passwd) -> int:
+    """Record the static mapping (uid/name UNIQUE: one account, one identity)."""
+    await check_static_free(txn, pol, pw)
     return await _insert_mapping(txn, ctx, pol, identity, "static", pw.pw_name, pw.pw_uid, pw.pw_gid,
                                  pw.pw_dir, pw.pw_shell, pw.pw_gecos)
 

@@ -24,7 +24,14 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 from . import policy as P
-from .model import HistoryEvent, LocalAccount, MappingRecord, MappingRefused, VOPolicy
+from .model import (
+    HistoryEvent,
+    LocalAccount,
+    MappingPreview,
+    MappingRecord,
+    MappingRefused,
+    VOPolicy,
+)
 from .nss_tables import NSSLock, remove_stale_temps, write_tables
 from .ranges import GROUP_PATH, PASSWD_PATH, validate_policies
 from .store import Store, Txn, nss_snapshot
@@ -256,6 +263,100 @@ class AMS:
             groups = _static_groups(row["name"], row["gid"])
         return _account(row, groups)
 
+    async def explain(self, identity: P.IdentityLike) -> MappingPreview:
+        """What :meth:`map_identity` would do for ``identity`` now, without writing anything.
+
+        The same policy code decides (name, uid and gid pickers, the static table, bans),
+        inside a read transaction, so the preview is exact as of now; a later login may of
+        course find other accounts taken by then.
+        """
+        pol = self.policies.get(identity.vo)
+        vo_groups = tuple(P.unique_groups(identity.groups))
+        if pol is None:
+            return MappingPreview(identity.vo, identity.user, identity.role, None, "refused", None, "unknown-vo",
+                                  f"VO {identity.vo!r} has no account mapping policy on this node",
+                                  vo_groups=vo_groups)
+        rk = P.role_key(pol, identity)
+        ctx = self._ctx()
+        static_pw = None
+        static_err: MappingRefused | None = None
+        if pol.kind == "static":
+            try:
+                static_pw = P.resolve_static(pol, identity, ctx)
+            except MappingRefused as exc:
+                static_err = exc
+
+        def preview(outcome: str, account: LocalAccount | None, exc: MappingRefused | None = None,
+                    message: str = "", record: MappingRecord | None = None) -> MappingPreview:
+            return MappingPreview(identity.vo, identity.user, rk or None, pol.kind, outcome,  # type: ignore[arg-type]
+                                  account, exc.reason if exc else None, str(exc) if exc else message,
+                                  record, vo_groups)
+
+        existing: str | None = None
+        async with self._store.read() as txn:
+            row = await txn.one("SELECT * FROM mappings WHERE vo = ? AND vo_user = ? AND role = ?",
+                                (identity.vo, identity.user, rk))
+            if row is not None and row["kind"] == "static" and not row["banned"] and (
+                static_pw is None or (static_pw.pw_name, static_pw.pw_uid) != (row["name"], row["uid"])
+            ):
+                row = None  # map_identity would drop it: the static table no longer says this
+            if row is not None:
+                existing = row["name"]
+            elif static_err is not None:
+                return preview("refused", None, static_err)
+            else:
+                try:
+                    if pol.kind == "dynamic":
+                        name, uid, gid = await P.pick_dynamic(txn, ctx, pol, identity)
+                        home, shell, gecos = f"{pol.home_base.rstrip('/')}/{name}", pol.shell, P.gecos_for(identity)
+                    elif pol.kind == "pool":
+                        name, uid, gid = await P.pick_pool(txn, ctx, pol, identity)
+                        home, shell, gecos = f"{pol.home_base.rstrip('/')}/{name}", pol.shell, P.gecos_for(identity)
+                    else:
+                        assert static_pw is not None
+                        await P.check_static_free(txn, pol, static_pw)
+                        name, uid, gid = static_pw.pw_name, static_pw.pw_uid, static_pw.pw_gid
+                        home, shell, gecos = static_pw.pw_dir, static_pw.pw_shell, static_pw.pw_gecos
+                except MappingRefused as exc:
+                    return preview("refused", None, exc)
+                account = LocalAccount(name=name, uid=uid, gid=gid, groups=(), home=home, shell=shell,
+                                       gecos=gecos, vo=identity.vo, vo_user=identity.user, role=rk or None)
+                verb = "lease" if pol.kind == "pool" else "create" if pol.kind == "dynamic" else "map to"
+                return preview("new", account, message=f"a first login would {verb} account {name!r} (uid {uid})")
+        record = await self.get_mapping(existing)
+        if record is None:  # released between the two reads: ask again
+            return await self.explain(identity)
+        if record.banned:
+            return preview("refused", record.account, MappingRefused(
+                "banned", f"account {existing!r} of {identity.user}@{identity.vo} is banned"), record=record)
+        return preview("existing", record.account, message=f"holds account {existing!r} (uid {record.account.uid})",
+                       record=record)
+
+    async def renew(self, name: str) -> LocalAccount | None:
+        """Renew the lease of account ``name`` (a session opened by PAM); ``None`` if unmapped.
+
+        Raises ``MappingRefused('banned')`` for a banned mapping.  One short transaction;
+        the NSS tables are not touched.
+        """
+        return await _shielded(self._renew(name))
+
+    async def _renew(self, name: str) -> LocalAccount | None:
+        now = self._clock()
+        async with self._store.write() as txn:
+            row = await txn.one("SELECT * FROM mappings WHERE name = ?", (name,))
+            if row is None:
+                return None
+            if row["banned"]:
+                raise MappingRefused("banned", f"account {name!r} of {row['vo_user']}@{row['vo']} is banned")
+            pol = self.policies.get(row["vo"])
+            if pol is not None:
+                await txn.execute("UPDATE mappings SET last_seen = ?, lease_expires = ? WHERE id = ?",
+                                  (now, now + pol.lease_seconds, row["id"]))
+            groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, row["id"]))
+        if row["kind"] == "static":
+            groups = _static_groups(row["name"], row["gid"])
+        return _account(row, groups)
+
     # -- leases --------------------------------------------------------------------
 
     async def reclaim_expired(self, is_idle: IsIdle) -> list[str]:
@@ -380,12 +481,15 @@ class AMS:
             for r in rows
         ]
 
-    async def history(self, name: str | None = None, limit: int | None = None) -> list[HistoryEvent]:
-        """Events of ``mapping_history`` (all, or of account ``name``), oldest first."""
+    async def history(self, name: str | None = None, limit: int | None = None, *,
+                      uid: int | None = None) -> list[HistoryEvent]:
+        """Events of ``mapping_history`` (all, of account ``name``, or of ``uid``), oldest first."""
         sql = "SELECT * FROM mapping_history"
         args: list[Any] = []
         if name is not None:
             sql, args = sql + " WHERE name = ?", [name]
+        if uid is not None:
+            sql, args = sql + (" AND" if args else " WHERE") + " uid = ?", args + [int(uid)]
         sql += " ORDER BY id"
         if limit is not None:
             sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"

@@ -1,0 +1,239 @@
+"""``admin.*`` ops: what ``xos-ams`` asks (root peers only).
+
+Each op is a thin layer over one AMS call; the reply carries plain JSON views of the AMS
+types (:func:`mapping_view`, :func:`event_view`), times as ISO 8601 UTC.  Every change is
+audited (event ``admin``) with the peer's pid and uid.  ``admin.explain`` runs the
+certificate through the one verifier and the mapping through :meth:`AMS.explain`, and
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ..ams import (
+    HistoryEvent,
+    LocalAccount,
+    MappingPreview,
+    MappingRecord,
+    UnknownMapping,
+)
+from ..auth import sshcert
+from ..auth.errors import AuthRefused
+from ..auth.identity import VOIdentity
+from ..auth.profile import parse_certificate
+from ..gateway import running_uids
+from ..session.home import HomeError, archive_home
+from .protocol import ControlError
+from .server import ROOT, Op, Request
+
+log = logging.getLogger(__name__)
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.astimezone(UTC).isoformat(timespec='seconds') if when else None
+
+
+def account_view(account: LocalAccount) -> dict[str, Any]:
+    return {'name': account.name, 'uid': account.uid, 'gid': account.gid,
+            'groups': [{'name': n, 'gid': g} for n, g in account.groups],
+            'home': account.home, 'shell': account.shell, 'gecos': account.gecos,
+            'vo': account.vo, 'vo_user': account.vo_user, 'role': account.role}
+
+
+def mapping_view(record: MappingRecord) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {**account_view(record.account), 'kind': record.kind,
+            'created_at': _iso(record.created_at), 'last_seen': _iso(record.last_seen),
+            'lease_expires': _iso(record.lease_expires), 'lease_expired': record.expired(now),
+            'banned': record.banned, 'pinned': record.pinned}
+
+
+def event_view(event: HistoryEvent) -> dict[str, Any]:
+    return {'at': _iso(event.at), 'event': event.event, 'name': event.name, 'uid': event.uid,
+            'vo': event.vo, 'vo_user': event.vo_user, 'role': event.role, 'detail': event.detail}
+
+
+def identity_view(identity: VOIdentity) -> dict[str, Any]:
+    return {'vo': identity.vo, 'user': identity.user, 'groups': list(identity.groups),
+            'role': identity.role, 'serial': str(identity.serial),
+            'not_after': _iso(identity.not_after), 'issuer': identity.issuer,
+            'key': identity.key_fingerprint}
+
+
+def _audit(req: Request, action: str, **fields: Any) -> None:
+    req.gateway.audit.write('admin', action=action, pid=req.peer.pid, peer_uid=req.peer.uid, **fields)
+
+
+async def _record(req: Request) -> MappingRecord:
+    """The mapping named by ``name`` or ``uid``; ``not-mapped`` if none."""
+    ams = req.gateway.ams
+    if 'uid' in req.args and req.args['uid'] is not None:
+        uid = req.number('uid')
+        record = await ams.mapping_for_uid(uid)
+        what = f'uid {uid}'
+    else:
+        name = req.text('name', max_len=64)
+        record = await ams.get_mapping(name)
+        what = f'account {name!r}'
+    if record is None:
+        raise ControlError('not-mapped', f'no mapping for {what}')
+    return record
+
+
+async def _named(req: Request) -> str:
+    """The account name of ``name`` or ``uid`` (pin, ban... act on names)."""
+    return (await _record(req)).account.name
+
+
+async def admin_list(req: Request) -> dict[str, Any]:
+    """``{}`` -> ``{mappings: [mapping...]}`` by uid."""
+    return {'mappings': [mapping_view(r) for r in await req.gateway.ams.list_mappings()]}
+
+
+async def admin_show(req: Request) -> dict[str, Any]:
+    """``{name}`` or ``{uid}`` -> ``{mapping}``."""
+    return {'mapping': mapping_view(await _record(req))}
+
+
+async def _act(req: Request, action: str, call: Any) -> dict[str, Any]:
+    name = await _named(req)
+    try:
+        await call(name)
+    except UnknownMapping as exc:
+        raise ControlError('not-mapped', str(exc)) from None
+    _audit(req, action, account=name)
+    record = await req.gateway.ams.get_mapping(name)
+    return {'mapping': mapping_view(record) if record else None}
+
+
+async def admin_pin(req: Request) -> dict[str, Any]:
+    """``{name, pinned=true}`` -> ``{mapping}``: a pinned mapping is never reclaimed."""
+    pinned = req.flag('pinned', True)
+    return await _act(req, 'pin' if pinned else 'unpin',
+                      lambda name: req.gateway.ams.pin(name, pinned))
+
+
+async def admin_ban(req: Request) -> dict[str, Any]:
+    """``{name}`` -> ``{mapping}``: logins refuse ``banned``; the mapping is kept."""
+    return await _act(req, 'ban', req.gateway.ams.ban)
+
+
+async def admin_unban(req: Request) -> dict[str, Any]:
+    """``{name}`` -> ``{mapping}``."""
+    return await _act(req, 'unban', req.gateway.ams.unban)
+
+
+async def admin_release(req: Request) -> dict[str, Any]:
+    """``{name, force=false}`` -> ``{released, uid, home_archived}``.
+
+    Refuses ``account-busy`` while a process runs under the account's uid (unless ``force``);
+    the home of a dynamic or pool account is archived as after a reclaim, so the next holder
+    of the uid or pool name never sees the previous one's files.
+    """
+    force = req.flag('force', False)
+    record = await _record(req)
+    account = record.account
+    if not force and account.uid in await asyncio.to_thread(running_uids):
+        raise ControlError('account-busy', f'processes of {account.name} (uid {account.uid}) are '
+                                           f'still running (stop them, or release with force)')
+    try:
+        await req.gateway.ams.release(account.name)
+    except UnknownMapping as exc:
+        raise ControlError('not-mapped', str(exc)) from None
+    archived = None
+    if record.kind != 'static':
+        try:
+            archived = await asyncio.to_thread(archive_home, account.home)
+        except (HomeError, OSError) as exc:
+            log.error('could not archive the home of released %s: %s', account.name, exc)
+    _audit(req, 'release', account=account.name, uid=account.uid, force=force,
+           home_archived=archived)
+    return {'released': account.name, 'uid': account.uid, 'home_archived': archived}
+
+
+async def admin_history(req: Request) -> dict[str, Any]:
+    """``{name}`` or ``{uid}`` (or neither: everything) -> ``{events: [...]}`` oldest first."""
+    ams = req.gateway.ams
+    limit = req.number('limit', required=False)
+    if req.args.get('uid') is not None:
+        events = await ams.history(uid=req.number('uid'), limit=limit)
+    elif req.args.get('name') is not None:
+        events = await ams.history(req.text('name', max_len=64), limit=limit)
+    else:
+        events = await ams.history(limit=limit)
+    return {'events': [event_view(e) for e in events]}
+
+
+def _claimed(leaf: x509.Certificate) -> dict[str, Any]:
+    """What an (unverified) X.509 certificate says about itself, for a refused explain."""
+    out: dict[str, Any] = {'serial': str(leaf.serial_number),
+                           'not_after': _iso(leaf.not_valid_after_utc),
+                           'issuer': leaf.issuer.rfc4514_string()}
+    try:
+        attrs = parse_certificate(leaf)
+    except AuthRefused:
+        return out
+    out.update(vo=attrs.primary_vo, user=attrs.user_id, role=attrs.role)
+    return out
+
+
+def _verify_for_explain(req: Request) -> VOIdentity:
+    """The identity the gateway would see for the offered certificate (or AuthRefused)."""
+    verifier = req.gateway.verifier
+    if req.args.get('openssh_cert') is not None:
+        text = req.text('openssh_cert', max_len=32 * 1024)
+        return verifier.verify_openssh_cert(sshcert.read_certificate_file(text.encode()))
+    pem = req.text('chain_pem', max_len=60 * 1024)
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode('ascii'))
+    except (ValueError, UnicodeEncodeError):
+        raise AuthRefused('bad-encoding', 'chain_pem holds no PEM certificate') from None
+    claimed = _claimed(certs[0])
+    try:
+        chain = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+        return verifier.verify_x509_chain(chain)
+    except AuthRefused as exc:
+        exc.claimed = claimed  # type: ignore[attr-defined]
+        raise
+
+
+async def admin_explain(req: Request) -> dict[str, Any]:
+    """``{chain_pem}`` or ``{openssh_cert}`` -> what a login with it would do; maps nothing.
+
+    Reply: ``verdict`` (``existing`` | ``new`` | ``refused``), ``stage`` (``certificate`` or
+    ``mapping``: where a refusal comes from), ``reason``, ``message``, ``identity`` (verified)
+    or ``claimed`` (what a refused certificate says of itself), ``policy``, ``account``
+    (the account held or that a first login would get), ``mapping`` (an existing mapping).
+    """
+    try:
+        identity = _verify_for_explain(req)
+    except AuthRefused as exc:
+        return {'verdict': 'refused', 'stage': 'certificate', 'reason': exc.reason,
+                'message': str(exc), 'identity': None,
+                'claimed': getattr(exc, 'claimed', None), 'policy': None, 'account': None,
+                'mapping': None}
+    preview: MappingPreview = await req.gateway.ams.explain(identity)
+    return {'verdict': preview.outcome, 'stage': 'mapping', 'reason': preview.reason,
+            'message': preview.message, 'identity': identity_view(identity), 'claimed': None,
+            'policy': preview.policy,
+            'account': account_view(preview.account) if preview.account else None,
+            'mapping': mapping_view(preview.record) if preview.record else None}
+
+
+OPS: dict[str, Op] = {
+    'admin.list': Op(admin_list, ROOT),
+    'admin.show': Op(admin_show, ROOT),
+    'admin.pin': Op(admin_pin, ROOT),
+    'admin.release': Op(admin_release, ROOT),
+    'admin.ban': Op(admin_ban, ROOT),
+    'admin.unban': Op(admin_unban, ROOT),
+    'admin.history': Op(admin_history, ROOT),
+    'admin.explain': Op(admin_explain, ROOT),
+}
