@@ -1,0 +1,59 @@
+"""The deployment recipes, checked as far as this machine allows (it runs no Docker engine):
+the Dockerfile through a real linter (hadolint) and for every path it copies, the systemd unit
+through systemd-analyze, the example config through the gateway's own config check."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xos_sshd.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    res = subprocess.run([str(VENV_BIN / 'hadolint'), '--no-color', 'Dockerfile'], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_path_the_dockerfile_copies_exists() -> None:
+    sources = []
+    for line in (REPO / 'Dockerfile').read_text().splitlines():
+        if line.startswith('COPY ') and '--from=' not in line:
+            sources += line.split()[1:-1]
+    assert sources, 'no COPY lines found'
+    for source in sources:
+        assert (REPO / source).exists(), source
+
+
+def test_dockerfile_runs_the_gateway_with_the_config_volume() -> None:
+    text = (REPO / 'Dockerfile').read_text()
+    assert re.search(r'^FROM debian:trixie', text, re.M)
+    assert 'criu' in text and 'openssh-server' in text
+    assert '"--config", "/etc/xos-sshd/config.toml"' in text
+    for volume in ('/etc/xos-sshd', '/var/lib/xos-sshd', '/home'):
+        assert volume in text.split('VOLUME', 1)[1].splitlines()[0]
+
+
+@pytest.mark.skipif(not shutil.which('systemd-analyze'), reason='systemd-analyze not installed')
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (REPO / 'deploy' / 'xos-sshd.service').read_text()
+    assert 'ExecReload=/bin/kill -HUP $MAINPID' in unit and 'KillMode=process' in unit
+    local = tmp_path / 'xos-sshd.service'
+    local.write_text(unit.replace('/opt/xos-sshd/bin/xos-sshd', str(VENV_BIN / 'xos-sshd')))
+    res = subprocess.run(['systemd-analyze', 'verify', str(local)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(REPO / 'deploy' / 'config.example.toml')
+    assert list(config.vos) == ['physics']
+    assert str(config.control_socket) == '/run/xos-sshd/control.sock'
