@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv native system-deps-run system-deps-test clean
+.PHONY: run test venv native criu system-deps-run system-deps-test clean
 
 run: system-deps-run $(STAMP)
 	$(VENV)/bin/xos-sshd --dev --state-dir .xos-dev --port 2222
 
-test: system-deps-test $(STAMP) native
+test: system-deps-test $(STAMP) native criu
 	$(VENV)/bin/pytest -q
 
 venv: $(STAMP)
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 native:
 	$(MAKE) -C native
+
+# CRIU >= 4.0 for the checkpoint/restart tests (quiet and quick when already there).
+criu:
+	@sh scripts/install-criu.sh
 
 system-deps-run:
 	sh scripts/system-deps.sh run

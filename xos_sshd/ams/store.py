@@ -99,6 +99,43 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TRIGGER mapping_history_append_only_d BEFORE DELETE ON mapping_history
            BEGIN SELECT RAISE(ABORT, 'mapping_history is append-only'); END""",
     ],
+    [
+        # 2: checkpoint/restart jobs (xos_sshd/cr/jobs.py).  One row per job, kept after it
+        # ends (the lease reclaimer must see an account's jobs and images).  pid/starttime
+        # name the job's init on this node (host pid + start time: a recycled pid never
+        # passes for the job); root_pid is the job's root inside its PID namespace.
+        # Lineage: restored_from is the image this job was restored from, parent_job the job
+        # that image was taken of, last_image the latest checkpoint of this job.
+        """CREATE TABLE jobs (
+            id            TEXT    PRIMARY KEY,
+            vo            TEXT    NOT NULL,
+            vo_user       TEXT    NOT NULL,
+            role          TEXT    NOT NULL DEFAULT '',
+            account       TEXT    NOT NULL,
+            uid           INTEGER NOT NULL CHECK (uid > 0),
+            node          TEXT    NOT NULL DEFAULT '',
+            state         TEXT    NOT NULL CHECK (state IN ('starting', 'running', 'checkpointed',
+                                  'exited', 'killed', 'lost', 'failed')),
+            command       TEXT    NOT NULL,
+            created       REAL    NOT NULL,
+            updated       REAL    NOT NULL,
+            ended         REAL,
+            pid           INTEGER,
+            starttime     INTEGER,
+            root_pid      INTEGER,
+            job_dir       TEXT    NOT NULL,
+            log_dir       TEXT    NOT NULL,
+            exit_code     INTEGER,
+            restored_from TEXT,
+            parent_job    TEXT    REFERENCES jobs (id),
+            last_image    TEXT,
+            detail        TEXT    NOT NULL DEFAULT '',
+            CHECK ((state IN ('running')) <= (pid IS NOT NULL AND starttime IS NOT NULL))
+        )""",
+        "CREATE INDEX jobs_by_uid ON jobs (uid, state)",
+        "CREATE INDEX jobs_by_owner ON jobs (vo, vo_user, role)",
+        "CREATE INDEX jobs_by_state ON jobs (state)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
