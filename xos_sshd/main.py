@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='xos-sshd',
         description='SSH gateway for virtual organisations: XOS-cert logins mapped to local '
-                    'accounts.')
+                    'accounts.  "xos-sshd doctor [--config FILE|--dev]" checks a node.')
     p.add_argument('--config', type=Path, metavar='FILE',
                    help='TOML configuration file (see README: configuration reference)')
     p.add_argument('--dev', action='store_true',
@@ -43,7 +43,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    doctor = bool(argv) and argv[0] == 'doctor'
+    parser = _parser()
+    if doctor:
+        parser.prog = 'xos-sshd doctor'
+        parser.description = ('check CA/CRL files, clock, uid ranges, permissions, NSS, PAM and '
+                              'CRIU; one line per check with the fix (changes nothing)')
+        argv = argv[1:]
+    args = parser.parse_args(argv)
     if bool(args.config) == bool(args.dev):
         print('xos-sshd: give exactly one of --config FILE or --dev', file=sys.stderr)
         return EXIT_CONFIG
@@ -53,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(devmode.prepare(args.state_dir, args.port))
         else:
             config = load_config(args.config)
-        verifier, host_keys = check_config(config)
+        if not doctor:  # doctor explains a broken config check by check instead
+            verifier, host_keys = check_config(config)
     except (ConfigError, RangeError) as exc:
         print(f'xos-sshd: configuration error: {exc}', file=sys.stderr)
         return EXIT_CONFIG
+    if doctor:
+        from . import doctor as doctor_mod
+        return doctor_mod.run(config)
     if args.check_config:
         print(f'xos-sshd: configuration OK ({len(config.vos)} VO(s): {", ".join(config.vos)})')
         return 0
