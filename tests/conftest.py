@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from gatewayproc import GatewayProcess, VOCA, free_uid_range, kill_uid_processes
+from gatewayproc import GatewayProcess, VOCA, free_uid_range, kill_uid_processes, release_uid_range
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -29,6 +29,7 @@ def uid_range() -> Iterator[tuple[int, int]]:
     first, last = free_uid_range()
     yield first, last
     kill_uid_processes(first, last)
+    release_uid_range(first)
 
 
 def dynamic_vo(ca: VOCA, uid_range: tuple[int, int], home_base: Path, **extra: object) -> dict:

@@ -19,7 +19,7 @@ from crhelpers import (
     reap_zombie_children,
     uid_processes,
 )
-from gatewayproc import free_uid_range, kill_uid_processes
+from gatewayproc import free_uid_range, kill_uid_processes, release_uid_range
 
 from xos_sshd.ams import LocalAccount
 from xos_sshd.ams.store import Store
@@ -49,6 +49,7 @@ def cr_uids() -> Iterator[tuple[int, int]]:
             time.sleep(0.05)
         reap_zombie_children()
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        release_uid_range(first)
 
 
 @pytest.fixture

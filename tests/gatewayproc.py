@@ -7,6 +7,7 @@ tests are run as root), exactly as on a login node.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -30,24 +31,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_uid_range(size: int = 1000, start: int | None = None) -> tuple[int, int]:
-    """A uid/gid range that no /etc/passwd or /etc/group entry falls into.
+UID_CLAIMS_DIR = Path('/tmp/xos-test-uid-claims')
+_claims: dict[int, int] = {}
 
-    The default start depends on this process's pid: test runs clean their range up with
-    SIGKILL, so two runs on one machine must not share one.
+
+def free_uid_range(size: int = 1000, start: int = 300000) -> tuple[int, int]:
+    """Claim a uid/gid range that no /etc/passwd or /etc/group entry falls into.
+
+    Test runs clean their range up with SIGKILL, so two runs on one machine (CI, a developer,
+    several helpers) must never share one: each range is claimed with an flock on a file in
+    UID_CLAIMS_DIR, held until :func:`release_uid_range` or the end of the process.
     """
-    if start is None:
-        start = 300000 + (os.getpid() % 200) * 1000
     used = set()
     for path, field_no in (('/etc/passwd', 2), ('/etc/group', 2), ('/etc/passwd', 3)):
         for line in Path(path).read_text().splitlines():
             parts = line.split(':')
             if len(parts) > field_no and parts[field_no].isdigit():
                 used.add(int(parts[field_no]))
+    UID_CLAIMS_DIR.mkdir(mode=0o700, exist_ok=True)
     first = start
-    while any(first <= u < first + size for u in used):
+    while first < 2_000_000_000:
+        if first not in _claims and not any(first <= u < first + size for u in used):
+            fd = os.open(UID_CLAIMS_DIR / str(first), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+            else:
+                _claims[first] = fd
+                return first, first + size - 1
         first += size
-    return first, first + size - 1
+    raise AssertionError('no free uid range to claim')
+
+
+def release_uid_range(first: int) -> None:
+    """Give a claimed range back (after its processes were killed)."""
+    fd = _claims.pop(first, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def run(*argv: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
