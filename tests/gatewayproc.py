@@ -167,6 +167,10 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def open_fds(self) -> int:
+        assert self.proc is not None
+        return len(os.listdir(f'/proc/{self.proc.pid}/fd'))
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -11,6 +11,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from gatewayproc import GatewayProcess, VOCA
@@ -285,3 +286,33 @@ async def test_agent_forwarding_follows_the_config_switch(tmp_path: Path, dev_ca
     finally:
         agent.terminate()
         gw.stop()
+
+
+async def test_running_out_of_fds_refuses_sessions_and_leaks_none(gateway: GatewayProcess,
+                                                                  dev_ca: VOCA,
+                                                                  tmp_path: Path) -> None:
+    """The fd limit is lowered to every point a session start allocates at (pipes, pidfd,
+    Popen's own pipe): each start either works or is refused, and no fd is left behind."""
+    import asyncio
+    import resource
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    pid = gateway.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    outcomes = []
+    async with gateway.connect(alice) as conn:
+        assert (await conn.run('true')).exit_status == 0
+        await asyncio.sleep(0.3)
+        base = gateway.open_fds()
+        for extra in range(1, 12):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (base + extra, hard))
+            try:
+                result = await asyncio.wait_for(conn.run('echo up'), 20)
+                outcomes.append(result.stdout == 'up\n')
+            except (asyncssh.Error, OSError):
+                outcomes.append(False)
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            await asyncio.sleep(0.2)
+            assert gateway.open_fds() == base, (extra, gateway.log()[-1500:])
+    assert False in outcomes and True in outcomes, outcomes
+    assert gateway.ssh_xos(alice, 'echo still serving').stdout == 'still serving\n'

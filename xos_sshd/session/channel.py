@@ -17,7 +17,7 @@ import struct
 import termios
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import asyncssh
 
@@ -39,6 +39,12 @@ class SessionContext:
     account: LocalAccount
     peer_host: str
     on_close: Callable[['UserSession'], None] | None = None
+    #: Subsystems served inside the gateway (``xos-cr``, ``xos-images``): name -> factory
+    #: of the asyncssh session that takes the channel over (:mod:`xos_sshd.cr.subsystem`).
+    subsystems: Mapping[str, Callable[['SessionContext'], Any]] | None = None
+    #: Added to every session's environment (``XOS_CR_SOCKET``: where this node's xos-cr
+    #: local socket is).
+    env_extra: Mapping[str, str] | None = None
 
 
 class UserSession(asyncssh.SSHServerSession[bytes]):
@@ -57,6 +63,8 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         self._readers: list[FdReader] = []
         self._writer: FdWriter | None = None
         self._exit_sent = False
+        #: An in-gateway subsystem's session: every channel event goes to it.
+        self._delegate: Any = None
 
     # --- requests before the session starts ---------------------------------------------
 
@@ -76,10 +84,20 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        log.info('refused unknown subsystem %r for %s', subsystem, self._ctx.account.name)
-        return False
+        factory = (self._ctx.subsystems or {}).get(subsystem)
+        if factory is None or self._chan is None:
+            log.info('refused unknown subsystem %r for %s', subsystem, self._ctx.account.name)
+            return False
+        self._delegate = factory(self._ctx)
+        self._delegate.connection_made(self._chan)
+        log.info('subsystem %s started for %s (%s)', subsystem, self._ctx.account.name,
+                 self._ctx.peer_host)
+        return True
 
     def session_started(self) -> None:
+        if self._delegate is not None:
+            self._delegate.session_started()
+            return
         try:
             self._start_child()
         except (SpawnError, OSError) as exc:
@@ -91,19 +109,31 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
     # --- data and control while it runs ---------------------------------------------------
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._delegate is not None:
+            self._delegate.data_received(data, datatype)
+            return
         if self._writer is not None:
             self._writer.write(data)
 
     def eof_received(self) -> bool:
+        if self._delegate is not None:
+            return bool(self._delegate.eof_received())
         if self._writer is not None and self._pty_master < 0:
             self._writer.close_when_drained()
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._delegate is not None:
+            return
         if self._pty_master >= 0:
             _set_window_size(self._pty_master, (width, height, pixwidth, pixheight))
 
+    def break_received(self, msec: int) -> bool:
+        return False
+
     def signal_received(self, signame: str) -> None:
+        if self._delegate is not None:
+            return
         try:
             signum = signal.Signals['SIG' + signame]
         except KeyError:
@@ -113,16 +143,22 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             os.kill(self._proc.pid, signum)
 
     def pause_writing(self) -> None:
+        if self._delegate is not None:
+            self._delegate.pause_writing()
         for reader in self._readers:
             reader.pause()
 
     def resume_writing(self) -> None:
+        if self._delegate is not None:
+            self._delegate.resume_writing()
         for reader in self._readers:
             reader.resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The channel is gone: hang up the child's session, like a closed terminal."""
         self._chan = None
+        if self._delegate is not None:
+            self._delegate.connection_lost(exc)
         if self._writer is not None:
             self._writer.close()
         if self._pty_master < 0:
@@ -147,6 +183,7 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         argv = ['-' + base] if self._command is None else [base, '-c', self._command]
         env = session_environment(self._ctx.identity, account, self._chan.get_environment(),
                                   self._term[0] if self._term else None)
+        env.update(self._ctx.env_extra or {})
         agent_path = self._chan.get_agent_path()  # set only when the config allows forwarding
         if agent_path:
             _hand_over_agent_socket(agent_path, account)
@@ -155,7 +192,12 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             self._start_with_pty(shell, argv, env)
         else:
             self._start_with_pipes(shell, argv, env)
-        self._pidfd = os.pidfd_open(self._proc.pid)
+        try:
+            self._pidfd = os.pidfd_open(self._proc.pid)
+        except OSError:
+            self._proc.kill()  # cannot watch it: do not leave it running unreaped
+            self._proc.wait()
+            raise
         self._loop.add_reader(self._pidfd, self._child_exited)
         log.info('session started for %s (%s) pid %d: %s', account.name, self._ctx.peer_host,
                  self._proc.pid, 'shell' if self._command is None else 'exec')
@@ -180,19 +222,19 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         self._utmp(libc.USER_PROCESS)
 
     def _start_with_pipes(self, shell: str, argv: list[str], env: dict[str, str]) -> None:
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        fds: list[int] = []
         try:
+            for _ in range(3):  # out of fds on the 2nd or 3rd pipe must not leak the 1st
+                fds.extend(os.pipe2(os.O_CLOEXEC))
+            in_r, in_w, out_r, out_w, err_r, err_w = fds
             self._proc = spawn_as(self._ctx.account, argv, env, Stdio(in_r, out_w, err_w),
                                   executable=shell)
         except BaseException:
-            for fd in (in_w, out_r, err_r):
+            for fd in fds:
                 os.close(fd)
             raise
-        finally:
-            for fd in (in_r, out_w, err_w):
-                os.close(fd)
+        for fd in (in_r, out_w, err_w):  # the child's ends
+            os.close(fd)
         self._writer = FdWriter(self._loop, in_w, self._apply_pressure)
         self._readers = [FdReader(self._loop, out_r, self._to_stdout, self._maybe_finish),
                          FdReader(self._loop, err_r, self._to_stderr, self._maybe_finish)]
