@@ -1,0 +1,613 @@
+#!/usr/bin/env python3
+"""Load on loopback: 1,000 concurrent sessions on one xos-sshd, then 200 logins/s with hostile certs.
+
+One real ``xos-sshd`` (started here, ``log_level = "warning"``, dynamic VO) and asyncssh clients
+in this one process (uvloop):
+
+Phase 1  open ``--sessions`` connections (at most ``--open-concurrency`` handshakes at a time),
+         each with a session running ``cat`` as the mapped account; a session is *held* when,
+         with all of them open at once, it echoes a line back.  Then close them all.
+Phase 2  for ``--duration`` s, start logins at ``--rate``/s on an open-loop schedule (a start
+         is skipped, and counted, when ``--max-inflight`` logins are already running): 80 %
+         valid (X.509 and OpenSSH-certificate routes, exec ``true``, exit status 0) and 20 %
+         hostile (expired, foreign CA of the same VO name, revoked, tampered TBS, plain key,
+         valid cert asking for ``root``).  A valid login must be accepted, a hostile one refused.
+
+Gateway RSS (VmRSS) and open fds are read from /proc before phase 1 (after a warm-up login of
+every user, so the mappings exist), with the sessions held, after phase 1, and after phase 2
+(after ``--settle`` s); ``--rounds N`` repeats phase 2 to tell a leak from a high-water
+mark.  Exits 1 when a valid login was refused or a hostile one accepted (or the gateway died).
+The fd limit is raised to the hard limit here and the gateway inherits it: it needs about
+5 fds per exec session (socket, pidfd, 3 pipes).
+
+Installs nothing (run `make test` once first, for the venv); run as root:
+    .venv/bin/python bench/load.py [--sessions 1000] [--rate 200] [--duration 30]
+Ends with: RESULT sessions_held=<n> logins_per_s=<n> rss_growth_mb=<n>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import asyncssh
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
+from auth_certs import make_ca, make_leaf, now_utc, split_certificate
+from gatewayproc import (
+    VOCA,
+    GatewayProcess,
+    free_uid_range,
+    kill_uid_processes,
+    release_uid_range,
+)
+
+from xos_sshd.auth.ca import CertificateAuthority, issue
+
+VO = 'load'
+NOFILE_WANTED = 65536
+LOGIN_TIMEOUT = 30.0  # one client login, handshake to exit status
+
+
+# --- credentials ------------------------------------------------------------------------------
+
+@dataclass
+class Cred:
+    """One way to log in: a name, a login name, and prebuilt asyncssh client options."""
+
+    kind: str
+    login: str
+    options: asyncssh.SSHClientConnectionOptions
+    valid: bool
+
+
+def _options(login: str, key: asyncssh.SSHKey, cert: object | None) -> asyncssh.SSHClientConnectionOptions:
+    keys = [(key, cert)] if cert is not None else [key]
+    # Built once per credential: asyncssh re-parses keys and config on every connect otherwise.
+    return asyncssh.SSHClientConnectionOptions(
+        username=login, known_hosts=None, agent_path=None, client_keys=keys, config=[],
+        password=None, kbdint_auth=False, gss_host=None, host_based_auth=False,
+        connect_timeout=LOGIN_TIMEOUT)
+
+
+def _ssh_key(private) -> asyncssh.SSHKey:
+    return asyncssh.import_private_key(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+
+def _x509(cert: x509.Certificate | bytes) -> object:
+    der = cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
+    return asyncssh.import_certificate(der)
+
+
+def make_credentials(base: Path, ca_dir: VOCA, users: int) -> tuple[list[Cred], list[Cred]]:
+    """Valid credentials (each user by both routes) and one credential per hostile kind."""
+    ca = CertificateAuthority.load(ca_dir.dir)
+    creds = base / 'creds'
+    creds.mkdir()
+    valid = []
+    for n in range(users):
+        user = f'u{n:03d}'
+        cred = issue(ca, user, creds / user, groups=['staff'], hours=2)
+        key = _ssh_key(cred.key)
+        valid.append(Cred('valid-x509', user, _options(user, key, _x509(cred.cert)), True))
+        ssh_cert = asyncssh.read_certificate(str(cred.ssh_cert_path))
+        valid.append(Cred('valid-openssh', user, _options(user, key, ssh_cert), True))
+
+    hostile = []
+    # Expired a day ago (far beyond the clock skew tolerance).
+    start = now_utc() - timedelta(days=2)
+    cert, key = make_leaf(ca, user='u000', not_before=start, not_after=start + timedelta(days=1))
+    hostile.append(Cred('expired', 'u000', _options('u000', _ssh_key(key), _x509(cert)), False))
+    # A different CA that claims the same VO name and subject.
+    rogue = make_ca(base, VO, name='rogue-ca')
+    cert, key = make_leaf(rogue, user='u000')
+    hostile.append(Cred('foreign-ca', 'u000', _options('u000', _ssh_key(key), _x509(cert)), False))
+    # Properly issued, then revoked in the CRL before the gateway starts.
+    revoked = issue(ca, 'revoked', creds / 'revoked', hours=2)
+    ca_dir.revoke(creds / 'revoked')
+    hostile.append(Cred('revoked', 'revoked',
+                        _options('revoked', _ssh_key(revoked.key), _x509(revoked.cert)), False))
+    # A valid certificate of "evil" whose TBS was edited to say "u000" (CN and XOS user
+    # attribute), signature kept: impersonation of an existing, mapped user.
+    cert, key = make_leaf(ca, user='evil', groups=('staff',))
+    tbs, alg, sig = split_certificate(cert.public_bytes(serialization.Encoding.DER))
+    assert tbs.count(b'evil') == 2, tbs.count(b'evil')
+    body = tbs.replace(b'evil', b'u000') + alg + sig
+    forged = b'\x30' + _der_len(len(body)) + body
+    hostile.append(Cred('tampered', 'u000', _options('u000', _ssh_key(key), _x509(forged)), False))
+    # No certificate at all.
+    plain = ec.generate_private_key(ec.SECP256R1())
+    hostile.append(Cred('plain-key', 'u000', _options('u000', _ssh_key(plain), None), False))
+    # A valid certificate asking for root.
+    u0 = valid[0]
+    hostile.append(Cred('login-root', 'root', asyncssh.SSHClientConnectionOptions(
+        options=u0.options, username='root'), False))
+    return valid, hostile
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, 'big')
+    return bytes([0x80 | len(body)]) + body
+
+
+# --- gateway process facts --------------------------------------------------------------------
+
+@dataclass
+class Snapshot:
+    label: str
+    rss_kb: int
+    fds: int
+    threads: int
+    children: int
+    cpu_s: float
+    fd_kinds: Counter[str] = field(default_factory=Counter)
+
+
+def snapshot(label: str, pid: int, uid_range: tuple[int, int]) -> Snapshot:
+    status = Path(f'/proc/{pid}/status').read_text()
+    fields = dict(line.split(':', 1) for line in status.splitlines() if ':' in line)
+    stat = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / os.sysconf('SC_CLK_TCK')
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+        try:
+            target = os.readlink(f'/proc/{pid}/fd/{fd}')
+        except FileNotFoundError:
+            continue
+        kinds[target.split(':[')[0] if ':[' in target else target] += 1
+    return Snapshot(label, int(fields['VmRSS'].split()[0]), sum(kinds.values()),
+                    int(fields['Threads']), count_uid_processes(uid_range), cpu, kinds)
+
+
+def count_uid_processes(uid_range: tuple[int, int]) -> int:
+    n = 0
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                n += uid_range[0] <= os.stat(f'/proc/{entry}').st_uid <= uid_range[1]
+            except FileNotFoundError:
+                pass
+    return n
+
+
+def nofile_limit(pid: int) -> str:
+    for line in Path(f'/proc/{pid}/limits').read_text().splitlines():
+        if line.startswith('Max open files'):
+            soft, hard = line.split()[3:5]
+            return f'{soft}/{hard}'
+    return '?'
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's fd limit (the gateway, started from here, inherits it)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(hard, NOFILE_WANTED)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # root: CAP_SYS_RESOURCE
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def process_limits() -> list[str]:
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return 'n/a'
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)
+    cgroup = 'n/a'
+    for line in read('/proc/self/cgroup').splitlines():
+        parts = line.split(':', 2)
+        if len(parts) == 3 and (parts[1] in ('pids', '')):
+            for root in (f'/sys/fs/cgroup/pids{parts[2]}', f'/sys/fs/cgroup{parts[2]}'):
+                if os.path.exists(f'{root}/pids.max'):
+                    cgroup = read(f'{root}/pids.max')
+                    break
+            else:
+                cgroup = 'none'
+            if cgroup != 'n/a':
+                break
+    return [f'pid_max={read("/proc/sys/kernel/pid_max")}',
+            f'threads-max={read("/proc/sys/kernel/threads-max")}',
+            f'RLIMIT_NPROC={nproc[0]}', f'cgroup pids.max={cgroup}']
+
+
+# --- phase 1: held sessions -------------------------------------------------------------------
+
+@dataclass
+class Held:
+    conn: asyncssh.SSHClientConnection
+    proc: asyncssh.SSHClientProcess
+
+
+async def open_session(port: int, cred: Cred, n: int) -> Held:
+    conn = await asyncio.wait_for(asyncssh.connect('127.0.0.1', port, options=cred.options),
+                                  LOGIN_TIMEOUT)
+    try:
+        proc = await conn.create_process('cat')
+        proc.stdin.write(f'hello {n}\n')
+        line = await asyncio.wait_for(proc.stdout.readline(), LOGIN_TIMEOUT)
+        if line != f'hello {n}\n':
+            raise RuntimeError(f'session {n} echoed {line!r}')
+        return Held(conn, proc)
+    except BaseException:
+        conn.abort()
+        raise
+
+
+async def ping(held: Held, n: int) -> bool:
+    try:
+        held.proc.stdin.write(f'still {n}\n')
+        return await asyncio.wait_for(held.proc.stdout.readline(), 20) == f'still {n}\n'
+    except (TimeoutError, OSError, asyncssh.Error):
+        return False
+
+
+async def close_session(held: Held) -> None:
+    try:
+        held.proc.stdin.write_eof()
+        await asyncio.wait_for(held.proc.wait_closed(), 10)
+    except (TimeoutError, OSError, asyncssh.Error):
+        pass
+    held.conn.close()
+    try:
+        await asyncio.wait_for(held.conn.wait_closed(), 10)
+    except TimeoutError:
+        held.conn.abort()
+
+
+async def phase1(port: int, valid: list[Cred], sessions: int, concurrency: int,
+                 budget: float, on_held) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    deadline = time.monotonic() + budget
+    errors: Counter[str] = Counter()
+    opened: list[tuple[int, Held]] = []
+    t0 = time.monotonic()
+
+    async def one(n: int) -> None:
+        async with sem:
+            if time.monotonic() > deadline:
+                errors['not started (time budget)'] += 1
+                return
+            try:
+                opened.append((n, await open_session(port, valid[n % len(valid)], n)))
+            except asyncssh.PermissionDenied:
+                errors['permission denied'] += 1
+            except (TimeoutError, OSError, asyncssh.Error, RuntimeError) as exc:
+                errors[f'{type(exc).__name__}: {exc}'[:90]] += 1
+
+    await asyncio.gather(*(one(n) for n in range(sessions)))
+    open_s = time.monotonic() - t0
+    alive = await asyncio.gather(*(ping(h, n) for n, h in opened))
+    held = sum(alive)
+    extra = on_held()
+    t1 = time.monotonic()
+    await asyncio.gather(*(close_session(h) for _, h in opened))
+    return dict(opened=len(opened), held=held, open_s=open_s, close_s=time.monotonic() - t1,
+                errors=errors, **extra)
+
+
+# --- phase 2: login rate ----------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, outcome)
+    latency_valid: list[float] = field(default_factory=list)
+    latency_hostile: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    started: int = 0
+    max_lag: float = 0.0
+    last_done: float = 0.0
+
+
+async def login(port: int, cred: Cred) -> str:
+    """'accepted' (the command ran, exit 0), 'refused' (auth failed) or raises."""
+    async def attempt() -> str:
+        try:
+            conn = await asyncssh.connect('127.0.0.1', port, options=cred.options)
+        except asyncssh.PermissionDenied:
+            return 'refused'
+        async with conn:
+            result = await conn.run('true')
+            if result.exit_status != 0:
+                raise RuntimeError(f'exit status {result.exit_status}: {result.stderr!r}'[:80])
+            return 'accepted'
+    return await asyncio.wait_for(attempt(), LOGIN_TIMEOUT)
+
+
+async def phase2(port: int, valid: list[Cred], hostile: list[Cred], rate: float,
+                 duration: float, max_inflight: int, hostile_every: int,
+                 tally: Tally) -> float:
+    loop = asyncio.get_running_loop()
+    inflight: set[asyncio.Task[None]] = set()
+
+    async def one(cred: Cred) -> None:
+        t = time.monotonic()
+        try:
+            outcome = await login(port, cred)
+        except (TimeoutError, OSError, asyncssh.Error, RuntimeError) as exc:
+            outcome = 'error'
+            tally.errors[f'{cred.kind}: {type(exc).__name__}: {exc}'[:100]] += 1
+        dt = time.monotonic() - t
+        tally.outcomes[(cred.kind, outcome)] += 1
+        if outcome != 'error':
+            (tally.latency_valid if cred.valid else tally.latency_hostile).append(dt)
+        tally.last_done = time.monotonic()
+
+    total = int(rate * duration)
+    vi = hi = 0
+    t_start = time.monotonic()
+    start = loop.time()
+    for i in range(total):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            tally.max_lag = max(tally.max_lag, -delay)
+        if len(inflight) >= max_inflight:
+            tally.skipped += 1
+            continue
+        if i % hostile_every == hostile_every - 1:
+            cred, hi = hostile[hi % len(hostile)], hi + 1
+        else:
+            cred, vi = valid[vi % len(valid)], vi + 1
+        task = asyncio.create_task(one(cred))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+        tally.started += 1
+    t_schedule_end = time.monotonic()
+    if inflight:
+        await asyncio.wait(set(inflight), timeout=LOGIN_TIMEOUT + 5)
+    return max(tally.last_done, t_schedule_end) - t_start
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float('nan')
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+async def warm_up(port: int, valid: list[Cred]) -> None:
+    """One login per user, so every mapping and home exists before 'before' is measured."""
+    seen: dict[str, Cred] = {}
+    for cred in valid:
+        seen.setdefault(cred.login, cred)
+    sem = asyncio.Semaphore(8)
+
+    async def one(cred: Cred) -> None:
+        async with sem:
+            outcome = await login(port, cred)
+            if outcome != 'accepted':
+                raise SystemExit(f'warm-up login of {cred.login} was {outcome}')
+    await asyncio.gather(*(one(c) for c in seen.values()))
+    for cred in (valid[0], valid[1]):  # both routes work
+        if await login(port, cred) != 'accepted':
+            raise SystemExit(f'warm-up {cred.kind} login refused')
+
+
+async def settle(pid: int, uid_range: tuple[int, int], seconds: float) -> None:
+    """Wait until no session process is left (at most *seconds*), then a little more."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and count_uid_processes(uid_range):
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
+              hostile: list[Cred], uid_range: tuple[int, int]) -> int:
+    pid = gw.proc.pid
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    snaps: list[Snapshot] = []
+    client_cpu0 = sum(os.times()[:2])
+    await warm_up(gw.port, valid)
+    await settle(pid, uid_range, args.settle)
+    snaps.append(snapshot('before', pid, uid_range))
+
+    cpu_mark = {}
+
+    def on_held() -> dict:
+        snaps.append(snapshot('sessions held', pid, uid_range))
+        return {}
+
+    c0 = sum(os.times()[:2])
+    p1 = await phase1(gw.port, valid, args.sessions, args.open_concurrency, args.open_budget,
+                      on_held)
+    cpu_mark['p1_client'] = sum(os.times()[:2]) - c0
+    await settle(pid, uid_range, args.settle)
+    snaps.append(snapshot('after phase 1', pid, uid_range))
+
+    tally, elapsed, p2_gw, p2_client = Tally(), 0.0, 0.0, 0.0
+    for round_no in range(1, args.rounds + 1):
+        g0, c0 = snapshot('', pid, uid_range).cpu_s, sum(os.times()[:2])
+        elapsed += await phase2(gw.port, valid, hostile, args.rate, args.duration,
+                                args.max_inflight, args.hostile_every, tally)
+        p2_gw += snapshot('', pid, uid_range).cpu_s - g0
+        p2_client += sum(os.times()[:2]) - c0
+        await settle(pid, uid_range, args.settle)
+        snaps.append(snapshot('after phase 2' + (f'.{round_no}' if args.rounds > 1 else ''),
+                              pid, uid_range))
+    alive = gw.alive()
+    audit = Counter((r.get('outcome'), r.get('reason')) for r in gw.audit()
+                    if r.get('event') == 'login')
+
+    # --- report ---
+    print(f'\nphase 1: {args.sessions} sessions requested, {p1["opened"]} opened in '
+          f'{p1["open_s"]:.1f} s ({p1["opened"] / p1["open_s"]:.0f}/s, '
+          f'{args.open_concurrency} handshakes at a time), {p1["held"]} held '
+          f'(echoed with all open), closed in {p1["close_s"]:.1f} s')
+    for err, n in p1['errors'].most_common(5):
+        print(f'  {n:>5} x {err}')
+
+    print(f'\n{"snapshot":<16} {"RSS MB":>8} {"fds":>6} {"threads":>8} {"user procs":>11} '
+          f'{"gw CPU s":>9}')
+    for s in snaps:
+        print(f'{s.label:<16} {s.rss_kb / 1024:>8.1f} {s.fds:>6} {s.threads:>8} {s.children:>11} '
+              f'{s.cpu_s:>9.1f}')
+
+    kinds = [c.kind for c in valid[:2]] + [c.kind for c in hostile]
+    print(f'\nphase 2: {tally.started} logins started in {args.rounds} x {args.duration:.0f} s at '
+          f'{args.rate:.0f}/s offered (1 in {args.hostile_every} hostile), '
+          f'{tally.skipped} skipped at {args.max_inflight} in flight, '
+          f'scheduler max lag {tally.max_lag * 1000:.0f} ms')
+    print(f'{"kind":<14} {"accepted":>9} {"refused":>8} {"error":>6}')
+    for kind in kinds:
+        print(f'{kind:<14} {tally.outcomes[(kind, "accepted")]:>9} '
+              f'{tally.outcomes[(kind, "refused")]:>8} {tally.outcomes[(kind, "error")]:>6}')
+    for err, n in tally.errors.most_common(6):
+        print(f'  {n:>5} x {err}')
+    # asyncssh offers a refused certificate's bare key next: one more not-a-certificate line
+    # per hostile attempt.
+    print('audit log, login lines (whole run): ' + ', '.join(
+        f'{o} {r}: {n}' for (o, r), n in sorted(audit.items(), key=lambda kv: -kv[1])))
+    v_acc = sum(n for (k, o), n in tally.outcomes.items() if k.startswith('valid') and o == 'accepted')
+    v_ref = sum(n for (k, o), n in tally.outcomes.items() if k.startswith('valid') and o == 'refused')
+    v_err = sum(n for (k, o), n in tally.outcomes.items() if k.startswith('valid') and o == 'error')
+    h_acc = sum(n for (k, o), n in tally.outcomes.items() if not k.startswith('valid') and o == 'accepted')
+    h_ref = sum(n for (k, o), n in tally.outcomes.items() if not k.startswith('valid') and o == 'refused')
+    h_err = sum(n for (k, o), n in tally.outcomes.items() if not k.startswith('valid') and o == 'error')
+    completed = v_acc + v_ref + h_acc + h_ref
+    rate = completed / elapsed if elapsed > 0 else 0.0
+    before, after = snaps[0], snaps[-1]
+    rss_growth = (after.rss_kb - before.rss_kb) / 1024
+    fd_growth = after.fds - before.fds
+    print(f'\n{"metric":<34} {"value":>12}')
+    rows = [
+        ('sessions_held', f'{p1["held"]}/{args.sessions}'),
+        ('valid accepted', v_acc), ('valid_refused', v_ref), ('valid errored', v_err),
+        ('hostile refused', h_ref), ('hostile_accepted', h_acc), ('hostile errored', h_err),
+        ('logins completed per s', f'{rate:.1f}'),
+        ('valid accepted per s', f'{v_acc / elapsed:.1f}' if elapsed > 0 else '-'),
+        ('valid latency p50 ms', f'{pct(tally.latency_valid, 0.5) * 1000:.0f}'),
+        ('valid latency p99 ms', f'{pct(tally.latency_valid, 0.99) * 1000:.0f}'),
+        ('hostile latency p50 ms', f'{pct(tally.latency_hostile, 0.5) * 1000:.0f}'),
+        ('hostile latency p99 ms', f'{pct(tally.latency_hostile, 0.99) * 1000:.0f}'),
+        ('gateway CPU in phase 2 (cores)', f'{p2_gw / elapsed:.2f}'),
+        ('client CPU in phase 2 (cores)', f'{p2_client / elapsed:.2f}'),
+        ('gateway CPU ms per login', f'{p2_gw / max(completed, 1) * 1000:.1f}'),
+        ('rss growth MB (after2-before)', f'{rss_growth:.1f}'),
+        ('rss growth MB (after2-after1)', f'{(after.rss_kb - snaps[2].rss_kb) / 1024:.1f}'),
+        ('fd growth (after2-before)', fd_growth),
+        ('gateway alive', alive),
+    ]
+    for name, value in rows:
+        print(f'{name:<34} {value!s:>12}')
+    total_client = sum(os.times()[:2]) - client_cpu0
+    print(f'(client CPU total {total_client:.1f} s; phase 1 {cpu_mark["p1_client"]:.1f} s)')
+    problems = []
+    if v_ref:
+        problems.append(f'{v_ref} valid login(s) refused')
+    if h_acc:
+        problems.append(f'{h_acc} hostile login(s) ACCEPTED')
+    if not alive:
+        problems.append('the gateway died')
+    if fd_growth > 0:
+        extra = after.fd_kinds - before.fd_kinds
+        print(f'WARNING: the gateway holds {fd_growth} more fds after the load than before: '
+              + ', '.join(f'{n} x {kind}' for kind, n in extra.most_common()))
+        errors = [line for line in gw.log().splitlines() if ' ERROR ' in line]
+        for line in errors[:5]:
+            print(f'  gateway log: {line[:200]}')
+        if len(errors) > 5:
+            print(f'  gateway log: ... {len(errors)} ERROR lines in all')
+    print(f'RESULT sessions_held={p1["held"]} logins_per_s={rate:.1f} rss_growth_mb={rss_growth:.1f}')
+    if problems:
+        print('FAIL: ' + '; '.join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--sessions', type=int, default=1000)
+    ap.add_argument('--open-concurrency', type=int, default=32,
+                    help='phase 1 handshakes in flight at once')
+    ap.add_argument('--open-budget', type=float, default=60,
+                    help='phase 1: no new session after this many seconds')
+    ap.add_argument('--rate', type=float, default=200, help='phase 2 logins started per second')
+    ap.add_argument('--duration', type=float, default=30)
+    ap.add_argument('--rounds', type=int, default=1,
+                    help='repeat phase 2 (with a snapshot after each): growth that goes on '
+                         'round after round is a leak, not a high-water mark')
+    ap.add_argument('--max-inflight', type=int, default=200)
+    ap.add_argument('--hostile-every', type=int, default=5, help='1 login in N is hostile')
+    ap.add_argument('--users', type=int, default=50)
+    ap.add_argument('--settle', type=float, default=5)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit('run as root (the gateway switches to mapped accounts)')
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    # Ctrl-C and SIGTERM stop the run and still clean up (SIGINT even when started in the
+    # background by a shell that ignores it); inside the event loop both cancel the run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_term)
+    nofile = raise_nofile()
+    started = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix='xos-bench-load-'))
+    base.chmod(0o755)
+    uid_range = free_uid_range(size=1000, start=400000)
+    gw = None
+    code = 1
+    try:
+        ca = VOCA.create(base, VO)
+        (base / 'home').mkdir(mode=0o755)
+        valid, hostile = make_credentials(base, ca, args.users)
+        gw = GatewayProcess.configure(base, {VO: {
+            'ca': str(ca.dir / 'ca.pem'), 'crl': str(ca.dir / 'crl.pem'), 'policy': 'dynamic',
+            'uid_range': list(uid_range), 'account_prefix': f'{VO}-',
+            'home_base': str(base / 'home')}}, log_level='warning')
+        gw.start(debug=False)
+        print(f'xos-sshd pid {gw.proc.pid} on 127.0.0.1:{gw.port}; fd limit client '
+              f'{nofile[0]}/{nofile[1]}, gateway {nofile_limit(gw.proc.pid)}; '
+              + ', '.join(process_limits()))
+        # The gateway holds ~5 fds per exec session (socket, pidfd, 3 pipes), the client 1.
+        if nofile[0] < 6 * args.sessions + 200:
+            print(f'WARNING: an fd limit of {nofile[0]} is too low for {args.sessions} sessions '
+                  f'(raise the hard limit: ulimit -Hn, or prlimit)')
+        code = uvloop.run(run(args, gw, valid, hostile, uid_range))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print('interrupted', file=sys.stderr)
+        code = 130
+    finally:
+        if gw:
+            gw.stop()
+            if code != 0:
+                tail = gw.log()[-3000:]
+                if tail:
+                    print(f'--- gateway log (tail) ---\n{tail}', file=sys.stderr)
+        kill_uid_processes(*uid_range)
+        release_uid_range(uid_range[0])
+        shutil.rmtree(base, ignore_errors=True)
+    print(f'(total {time.monotonic() - started:.0f} s)')
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())
