@@ -33,7 +33,7 @@ import struct
 from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -132,7 +132,10 @@ def sign_challenge(key: PrivateKey, chain_pem: bytes | str, nonce: bytes,
 
 
 def _verify(leaf: x509.Certificate, sig: bytes, message: bytes) -> None:
-    pub = leaf.public_key()
+    try:
+        pub = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # off-curve point, unknown curve
+        raise ChallengeError("weak-key", f"certificate public key is unusable: {exc}") from None
     try:
         if isinstance(pub, ec.EllipticCurvePublicKey):
             pub.verify(sig, message, ec.ECDSA(hashes.SHA256()))
@@ -155,7 +158,7 @@ def verify_challenge_answer(answer: str, nonce: bytes, service: str, user: str) 
     try:
         raw = base64.b64decode(answer.strip(), validate=True)
         doc = json.loads(raw.decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise ChallengeError("bad-encoding", "challenge answer is not base64 of a JSON object") from None
     if (not isinstance(doc, dict) or not isinstance(doc.get("chain"), str)
             or not isinstance(doc.get("sig"), str)):
@@ -163,7 +166,7 @@ def verify_challenge_answer(answer: str, nonce: bytes, service: str, user: str) 
     try:
         certs = x509.load_pem_x509_certificates(doc["chain"].encode("ascii"))
         sig = base64.b64decode(doc["sig"], validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError):
+    except (binascii.Error, ValueError, UnicodeEncodeError, x509.InvalidVersion):
         raise ChallengeError("bad-encoding", "challenge answer chain or signature is malformed") from None
     if not certs or len(certs) > MAX_CHAIN_CERTS:
         raise ChallengeError("bad-encoding", f"challenge chain must hold 1 to {MAX_CHAIN_CERTS} certificates")

@@ -262,6 +262,14 @@ def _check_window(not_before: datetime, not_after: datetime, now: datetime, skew
         raise AuthRefused("expired", f"{what} expired at {_fmt(not_after)}")
 
 
+def _leaf_public_key(leaf: x509.Certificate) -> object:
+    """The leaf's public key, or a refusal when it does not load (off-curve, unknown curve)."""
+    try:
+        return leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise AuthRefused("weak-key", f"certificate public key is unusable: {exc}") from None
+
+
 def _check_public_key(key: object) -> None:
     """Refuse keys weaker than RSA 2048 / EC P-256, and key types we do not accept at all."""
     if isinstance(key, rsa.RSAPublicKey):
@@ -348,7 +356,7 @@ class Verifier:
             raise AuthRefused("bad-encoding", "empty certificate chain")
         try:
             leaf = x509.load_der_x509_certificate(bytes(chain[0]))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise AuthRefused("bad-encoding", "certificate is not valid DER X.509") from None
         attrs = parse_certificate(leaf)  # strict; also surfaces duplicate extensions
         try:
@@ -363,7 +371,7 @@ class Verifier:
         ca = self._x509_signer(leaf, attrs.primary_vo)
         ca.check_validity(now, self.clock_skew)
         _check_window(leaf.not_valid_before_utc, leaf.not_valid_after_utc, now, self.clock_skew, "certificate")
-        _check_public_key(leaf.public_key())
+        _check_public_key(_leaf_public_key(leaf))
         _check_x509_usage(leaf.extensions)
         ca.crl.check(leaf.serial_number, now)
         if attrs.user_id is None:
@@ -382,12 +390,16 @@ class Verifier:
             serial=leaf.serial_number,
             not_after=leaf.not_valid_after_utc,
             issuer=ca.subject,
-            key_fingerprint=key_fingerprint(leaf.public_key()),  # type: ignore[arg-type]
+            key_fingerprint=key_fingerprint(_leaf_public_key(leaf)),  # type: ignore[arg-type]
         )
 
     def _x509_signer(self, leaf: x509.Certificate, vo: str) -> _CA:
         """The trusted CA that signed ``leaf`` for ``vo``; refuses unknown-ca/bad-signature/vo-mismatch."""
-        candidates = self._by_subject.get(leaf.issuer.public_bytes(), [])
+        try:
+            issuer_der = leaf.issuer.public_bytes()
+        except ValueError:  # e.g. a CN that is not valid UTF8String: parsed lazily, here
+            raise AuthRefused("bad-encoding", "certificate issuer name is not valid DER") from None
+        candidates = self._by_subject.get(issuer_der, [])
         if not candidates:
             raise AuthRefused("unknown-ca", f"issuer {leaf.issuer.rfc4514_string()} is not a trusted VO CA")
         signers = []
@@ -430,6 +442,8 @@ class Verifier:
         ca.check_validity(now, self.clock_skew)
         if cert.valid_before > _MAX_TIMESTAMP:
             raise AuthRefused("invalid-attributes", "OpenSSH certificate has no expiry (valid forever)")
+        if cert.valid_after > cert.valid_before:
+            raise AuthRefused("invalid-attributes", "OpenSSH certificate becomes valid after it expires")
         not_before = datetime.fromtimestamp(cert.valid_after, UTC)
         not_after = datetime.fromtimestamp(cert.valid_before, UTC)
         _check_window(not_before, not_after, now, self.clock_skew, "OpenSSH certificate")
