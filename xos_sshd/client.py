@@ -409,29 +409,25 @@ async def _run_session(conn: asyncssh.SSHClientConnection, opts: Options) -> int
     return session.exit_code()
 
 
-async def run(opts: Options) -> int:
-    """Connect, authenticate with the XOS-cert, run the session; return the exit status."""
-    identity = load_identity(opts.identity, prompt=not opts.batch)
-    try:
-        login = opts.login or cert_login_name(identity.leaf)
-    except AuthRefused as exc:
-        raise ClientError(f"certificate {identity.cert_path}: {exc}") from None
-    if not login:
-        raise ClientError(f"no -l LOGIN given and {identity.cert_path} has no GlobalUserID "
-                          "(a service certificate cannot log in)")
-    policy = HostKeyPolicy(opts.host_key_mode, opts.known_hosts)
-    client = _Client(policy, identity, login, opts.kbdint)
-    methods = ["publickey"] + (["keyboard-interactive"] if opts.kbdint else [])
-    where = f"{opts.host}:{opts.port}"
+async def connect(identity: Identity, host: str, port: int, login: str, policy: HostKeyPolicy, *,
+                  kbdint: bool = False, connect_timeout: float | None = None,
+                  keepalive: tuple[float, int] = (0, 3)) -> asyncssh.SSHClientConnection:
+    """Connect and authenticate with the XOS-cert only; every failure is a `ClientError`.
+
+    Shared by ``ssh-xos`` and ``xos-cr``'s remote mode.
+    """
+    client = _Client(policy, identity, login, kbdint)
+    methods = ["publickey"] + (["keyboard-interactive"] if kbdint else [])
+    where = f"{host}:{port}"
     try:
         conn = await asyncssh.connect(
-            opts.host, opts.port, username=login, client_factory=lambda: client,
+            host, port, username=login, client_factory=lambda: client,
             client_keys=[identity.keypair], known_hosts=None if policy.mode == "no" else policy.match,
             agent_path=None, agent_forwarding=False, password=None, password_auth=False,
-            kbdint_auth=opts.kbdint, gss_auth=False, host_based_auth=False,
+            kbdint_auth=kbdint, gss_auth=False, host_based_auth=False,
             preferred_auth=methods, config=None, x509_trusted_certs=[], x509_trusted_cert_paths=[],
-            connect_timeout=opts.connect_timeout, keepalive_interval=opts.keepalive[0],
-            keepalive_count_max=opts.keepalive[1])
+            connect_timeout=connect_timeout, keepalive_interval=keepalive[0],
+            keepalive_count_max=keepalive[1])
     except asyncssh.HostKeyNotVerifiable as exc:
         raise ClientError(policy.error or f"host key verification failed for {where}: {exc.reason}") from None
     except asyncssh.PermissionDenied:
@@ -441,7 +437,7 @@ async def run(opts: Options) -> int:
             f"({identity.keypair.get_algorithm()})")
         if identity.expired:
             why += f"; the certificate expired at {identity.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-        raise ClientError(f"permission denied for {login}@{opts.host}: {why}") from None
+        raise ClientError(f"permission denied for {login}@{host}: {why}") from None
     except asyncssh.DisconnectError as exc:
         raise ClientError(f"connection to {where} failed: {exc.reason}") from None
     except socket.gaierror as exc:
@@ -451,6 +447,28 @@ async def run(opts: Options) -> int:
         reason = os.strerror(errno) if errno else str(exc) or "timed out"
         raise ClientError(f"cannot connect to {where}: {reason}") from None
     policy.commit()
+    return conn
+
+
+def default_login(identity: Identity) -> str:
+    """The certificate's GlobalUserID (`ClientError` for a service certificate)."""
+    try:
+        login = cert_login_name(identity.leaf)
+    except AuthRefused as exc:
+        raise ClientError(f"certificate {identity.cert_path}: {exc}") from None
+    if not login:
+        raise ClientError(f"no -l LOGIN given and {identity.cert_path} has no GlobalUserID "
+                          "(a service certificate cannot log in)")
+    return login
+
+
+async def run(opts: Options) -> int:
+    """Connect, authenticate with the XOS-cert, run the session; return the exit status."""
+    identity = load_identity(opts.identity, prompt=not opts.batch)
+    login = opts.login or default_login(identity)
+    policy = HostKeyPolicy(opts.host_key_mode, opts.known_hosts)
+    conn = await connect(identity, opts.host, opts.port, login, policy, kbdint=opts.kbdint,
+                         connect_timeout=opts.connect_timeout, keepalive=opts.keepalive)
     async with conn:
         return await _run_session(conn, opts)
 

@@ -9,10 +9,12 @@ tables become :class:`xos_sshd.ams.VOPolicy` objects (mapping) and
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .ams import VOPolicy
 from .auth.verifier import VOTrust
@@ -20,6 +22,8 @@ from .auth.verifier import VOTrust
 DEFAULT_STATE_DIR = Path('/var/lib/xos-sshd')
 DEFAULT_PORT = 22022
 POLICIES = ('dynamic', 'pool', 'static')
+DEFAULT_IMAGE_QUOTA_BYTES = 10 << 30
+DEFAULT_IMAGE_QUOTA_COUNT = 20
 
 
 class ConfigError(Exception):
@@ -48,6 +52,25 @@ class VOConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    """The ``[images]`` table: checkpoint images (:mod:`xos_sshd.cr.images`).
+
+    ``trusted_node_keys``: other nodes' image keys, each a file holding one OpenSSH public key
+    line (``ssh-ed25519 AAAA... comment``, i.e. a copy of that node's ``STATE/image_key.pub``);
+    images they signed may be imported and restored here.  This node's own key is always
+    trusted.  ``quota_bytes``/``quota_count``: per account.  ``criu_path``: the CRIU to run
+    (``cr.criu.find_criu``; default: ``$XOS_CRIU``, a system CRIU >= 4, the installed one).
+    ``node_name``: this node's name in the manifests it signs (default: the host name).
+    """
+
+    trusted_node_keys: tuple[Path, ...] = ()
+    quota_bytes: int = DEFAULT_IMAGE_QUOTA_BYTES
+    quota_count: int = DEFAULT_IMAGE_QUOTA_COUNT
+    criu_path: str | None = None
+    node_name: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated gateway configuration."""
 
@@ -58,6 +81,8 @@ class Config:
     audit_log: Path
     nss_dir: Path
     control_socket: Path
+    #: The users' socket for local ``xos-cr`` (``cr.*`` ops only, mode 0666).
+    cr_socket: Path = Path('/run/xos-sshd/cr.sock')
     allow_port_forwarding: bool = False
     allow_agent_forwarding: bool = False
     login_grace_seconds: float = 30.0
@@ -66,6 +91,7 @@ class Config:
     reclaim_interval_seconds: float = 600.0
     source: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     @property
     def ams_db(self) -> Path:
@@ -84,10 +110,12 @@ class Config:
 
 
 _TOP_KEYS = {'state_dir', 'listen', 'host_keys', 'vo', 'audit_log', 'nss_dir', 'control_socket',
+             'cr_socket',
              'allow_port_forwarding', 'allow_agent_forwarding', 'login_grace_seconds',
-             'clock_skew_seconds', 'log_level', 'reclaim_interval_seconds'}
+             'clock_skew_seconds', 'log_level', 'reclaim_interval_seconds', 'images'}
 _VO_KEYS = {'ca', 'crl', 'crl_required', 'policy', 'uid_range', 'gid_range', 'lease_hours',
             'home_base', 'shell', 'account_prefix', 'map_roles', 'pool', 'static'}
+_IMAGES_KEYS = {'trusted_node_keys', 'quota_bytes', 'quota_count', 'criu_path', 'node_name'}
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error')
 
 
@@ -126,6 +154,7 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     reclaim = _typed(raw, 'reclaim_interval_seconds', (int, float), 600)
     if not 1 <= reclaim <= 86400:
         raise ConfigError('reclaim_interval_seconds', 'must be between 1 and 86400')
+    control_socket = _path(raw, 'control_socket', Path('/run/xos-sshd/control.sock'))
     return Config(
         state_dir=state_dir,
         listen=tuple(_listen_address(a) for a in _str_list(raw, 'listen', [f'0.0.0.0:{DEFAULT_PORT}'])),
@@ -133,7 +162,8 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         vos=vos,
         audit_log=_path(raw, 'audit_log', state_dir / 'audit.log'),
         nss_dir=_path(raw, 'nss_dir', state_dir / 'nss'),
-        control_socket=_path(raw, 'control_socket', Path('/run/xos-sshd/control.sock')),
+        control_socket=control_socket,
+        cr_socket=_path(raw, 'cr_socket', control_socket.parent / 'cr.sock'),
         allow_port_forwarding=_typed(raw, 'allow_port_forwarding', bool, False),
         allow_agent_forwarding=_typed(raw, 'allow_agent_forwarding', bool, False),
         login_grace_seconds=float(grace),
@@ -141,7 +171,43 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         log_level=log_level,
         reclaim_interval_seconds=float(reclaim),
         source=source,
+        images=_images_config(raw.get('images', {})),
     )
+
+
+def _images_config(table: Any) -> ImagesConfig:
+    """The optional ``[images]`` table (no file is read here: see :func:`check_images`)."""
+    if not isinstance(table, dict):
+        raise ConfigError('images', 'must be a table')
+    _no_unknown_keys(table, _IMAGES_KEYS, 'images.')
+    keys = _str_list(table, 'trusted_node_keys', [], 'images')
+    for key in keys:
+        if not key.startswith('/'):
+            raise ConfigError('images.trusted_node_keys', f'{key!r} is not an absolute path')
+    quotas: dict[str, int] = {}
+    for key, default in (('quota_bytes', DEFAULT_IMAGE_QUOTA_BYTES),
+                         ('quota_count', DEFAULT_IMAGE_QUOTA_COUNT)):
+        quotas[key] = _typed(table, key, int, default, 'images')
+        if quotas[key] < 1:
+            raise ConfigError(f'images.{key}', 'must be a positive integer')
+    criu = _path(table, 'criu_path', None, 'images') if 'criu_path' in table else None
+    node = _typed(table, 'node_name', str, None, 'images')
+    if node is not None and not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}', node):
+        raise ConfigError('images.node_name', 'must be a host-like name ([A-Za-z0-9._-], '
+                          'at most 64 characters)')
+    return ImagesConfig(trusted_node_keys=tuple(Path(k) for k in keys),
+                        quota_bytes=quotas['quota_bytes'], quota_count=quotas['quota_count'],
+                        criu_path=str(criu) if criu else None, node_name=node)
+
+
+def check_images(config: Config) -> None:
+    """Read every trusted node key now (at start), so a missing or malformed one stops the
+    gateway with ``images.trusted_node_keys`` named rather than failing at the first import."""
+    from .cr.manifest import load_trusted_keys
+    try:
+        load_trusted_keys(config.images.trusted_node_keys)
+    except ValueError as exc:
+        raise ConfigError('images.trusted_node_keys', str(exc)) from None
 
 
 def _vo_config(name: str, table: Any, state_dir: Path) -> VOConfig:

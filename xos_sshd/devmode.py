@@ -70,6 +70,9 @@ def login_help(state_dir: Path, port: int) -> str:
             f'  {bin_dir}/ssh-xos -i {prefix} -p {port} 127.0.0.1\n'
             f'  ssh -i {prefix}.key -o CertificateFile={prefix}-cert.pub '
             f'-o StrictHostKeyChecking=accept-new -p {port} {DEMO_USER}@127.0.0.1\n'
+            f'jobs that outlive the session, checkpointed and restarted with CRIU:\n'
+            f'  {bin_dir}/xos-cr -i {prefix} -p {port} 127.0.0.1 run -- sleep 600\n'
+            f'  {bin_dir}/xos-cr -i {prefix} -p {port} 127.0.0.1 list\n'
             f'issue more users:\n'
             f'  {bin_dir}/xos-ca issue {state_dir / "ca"} --user bob --group physics --out bob\n')
 

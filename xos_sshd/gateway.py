@@ -24,7 +24,7 @@ from .auth import sshhook
 from .auth.errors import AuthRefused
 from .auth.verifier import Verifier
 from .config import Config
-from .control import ControlServer, control_ops
+from .control import ControlServer, control_ops, cr_ops
 from .session.channel import SessionContext, UserSession
 from .session.home import HomeError, archive_home, ensure_home
 
@@ -51,18 +51,34 @@ class Gateway:
         self._servers: list[asyncssh.SSHAcceptor] = []
         self._reclaimer: asyncio.Task[None] | None = None
         self.control = ControlServer(config.control_socket, control_ops(), self)
+        #: Checkpoint/restart (:mod:`xos_sshd.cr.runtime`): set by :meth:`open`.
+        self.cr: Any = None
+        self.cr_runtime: Any = None
+        #: The users' socket: same server code, only ``cr.*`` ops (docs/internals.md).
+        self.cr_server = ControlServer(config.cr_socket, cr_ops(), self, mode=0o666,
+                                       max_fds=1, name='cr')
 
     @classmethod
     async def open(cls, config: Config, verifier: Verifier,
                    host_keys: list[asyncssh.SSHKey]) -> 'Gateway':
         """Open the AMS store, the audit log and the control socket around checked trust
         (no SSH port listens yet)."""
+        from .cr.runtime import CRRuntime
         config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         ams = await AMS.open(config.ams_db, config.policies, config.nss_dir)
         gateway = cls(config, verifier, host_keys, ams, AuditLog(config.audit_log))
         try:
             await gateway.control.start()
+            gateway.cr_runtime = await CRRuntime.open(config, ams, gateway.audit,
+                                                      cr_socket=str(gateway.cr_server.path))
+            gateway.cr = gateway.cr_runtime.service
+            await gateway.cr_server.start()
+            gateway.cr_runtime.start()
         except BaseException:
+            await gateway.cr_server.close()
+            await gateway.control.close()
+            if gateway.cr_runtime is not None:
+                await gateway.cr_runtime.close()
             await ams.close()
             gateway.audit.close()
             raise
@@ -167,7 +183,10 @@ class Gateway:
         """Stop listening, close live connections, then the store and the log."""
         if self._reclaimer is not None:
             self._reclaimer.cancel()
+        await self.cr_server.close()
         await self.control.close()
+        if self.cr_runtime is not None:
+            await self.cr_runtime.close()
         for server in self._servers:
             server.close()
             await server.wait_closed()
@@ -240,7 +259,11 @@ class ConnectionHandler(asyncssh.SSHServer):
     def session_requested(self) -> UserSession | bool:
         if self._account is None or self._identity is None:
             return False
-        return UserSession(SessionContext(self._identity, self._account, self._peer[0]))
+        runtime = self._gateway.cr_runtime
+        return UserSession(SessionContext(
+            self._identity, self._account, self._peer[0],
+            subsystems=runtime.subsystems(f'{self._peer[0]}:{self._peer[1]}') if runtime else None,
+            env_extra={'XOS_CR_SOCKET': str(self._gateway.cr_server.path)}))
 
     def connection_requested(self, dest_host: str, dest_port: int,
                              orig_host: str, orig_port: int) -> bool:

@@ -16,7 +16,7 @@ import uvloop
 from .ams.ranges import RangeError, validate_policies
 from .auth.errors import TrustConfigError
 from .auth.verifier import Verifier
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, check_images, load_config
 
 log = logging.getLogger('xos_sshd')
 
@@ -92,7 +92,7 @@ def _setup_logging(level: str) -> None:
 
 
 def check_config(config: Config) -> tuple[Verifier, list[asyncssh.SSHKey]]:
-    """Everything that can be checked before start: ranges, CA files, host keys.
+    """Everything that can be checked before start: ranges, CA files, host keys, image keys.
 
     Returns the loaded trust and host keys, so the gateway starts from exactly what was checked.
     """
@@ -107,6 +107,7 @@ def check_config(config: Config) -> tuple[Verifier, list[asyncssh.SSHKey]]:
             host_keys.append(asyncssh.read_private_key(str(path)))
         except (OSError, asyncssh.KeyImportError) as exc:
             raise ConfigError('host_keys', f'{path}: {getattr(exc, "strerror", None) or exc}') from None
+    check_images(config)
     return verifier, host_keys
 
 

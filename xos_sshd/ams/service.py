@@ -147,6 +147,11 @@ class AMS:
         """Close the database connection."""
         await self._store.close()
 
+    @property
+    def store(self) -> Store:
+        """The underlying store (the job table of :mod:`xos_sshd.cr.jobs` lives in it too)."""
+        return self._store
+
     async def __aenter__(self) -> "AMS":
         return self
 

@@ -21,6 +21,11 @@ be moved into the root-owned image store by a plain ``rename`` (same filesystem)
 
 A restored job writes to the files its image names, i.e. the stdout/stderr of the job that
 was checkpointed (``log_dir``); its own job directory only gets the init's ``exit-status``.
+
+Processes that use the application API (:mod:`xos_sshd.cr.api`, root side
+:mod:`xos_sshd.cr.apictl`) hear of a checkpoint before the dump (critical sections may delay
+it up to ``api_timeout``, callbacks run) and of its outcome after it; a restore tells them
+``restart``; :meth:`JobManager.checkpoint_requests` finds jobs that asked to be checkpointed.
 """
 
 from __future__ import annotations
@@ -39,19 +44,23 @@ from typing import Any
 
 from ..ams import LocalAccount
 from ..ams.store import Store
-from . import criu
+from . import apictl, criu
 from .fdscan import NotCheckpointable, host_pid_of, process_table, scan
 from .nsjob import start_time
 
 JOB_STATES = ('starting', 'running', 'checkpointed', 'exited', 'killed', 'lost', 'failed')
 JOBS_DIR = '.xos-jobs'
 DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin'
+#: How long a job's critical sections (xos_sshd.cr.api) may delay a checkpoint by default.
+API_TIMEOUT = 30.0
 
 
 class JobError(Exception):
     """A job operation was refused or failed.  ``reason`` is a stable code:
     ``no-such-job``, ``not-owner``, ``not-running``, ``not-checkpointable``,
-    ``start-failed``, ``checkpoint-failed``, ``restore-failed``."""
+    ``start-failed``, ``checkpoint-failed``, ``restore-failed``; and from the job's use of
+    the application API: ``critical-section`` (one was still open at the bound; the
+    message names it), ``refused-by-job`` (a checkpoint callback failed or hung)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -100,13 +109,25 @@ class Job:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A finished dump: where CRIU wrote it and how long the job was frozen for it."""
+    """A finished dump: where CRIU wrote it and how long the job was frozen for it;
+    ``api_participants`` processes used the application API, and waiting for them (critical
+    sections, callbacks) took ``api_wait`` seconds before the dump."""
 
     job: Job
     image_id: str
     images_dir: str
     seconds: float
     log: str
+    api_participants: int = 0
+    api_wait: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """A job that asked for a checkpoint of itself (``api.request_checkpoint``)."""
+
+    job: Job
+    stop: bool
 
 
 def _row_to_job(row: Any) -> Job:
@@ -184,7 +205,9 @@ def job_environment(account: LocalAccount, job_id: str,
     """The job's environment: clean, from the account (as a session's), plus ``XOS_JOB_ID``."""
     env = {'HOME': account.home, 'USER': account.name, 'LOGNAME': account.name,
            'SHELL': account.shell, 'PATH': DEFAULT_PATH, 'XOS_VO': account.vo,
-           'XOS_USER': account.vo_user, 'XOS_ROLE': account.role or '', 'XOS_JOB_ID': job_id}
+           'XOS_USER': account.vo_user, 'XOS_ROLE': account.role or '', 'XOS_JOB_ID': job_id,
+           # The application API, importable by path from any python3 (stdlib only).
+           'XOS_CR_API': apictl.API_PATH}
     env.update(extra or {})
     return env
 
@@ -210,6 +233,7 @@ class JobManager:
         self.node = node
         self.criu_path = criu_path
         self.init_python = init_python
+        self._checkpointing: set[str] = set()  # job ids with a checkpoint under way
 
     # -- helpers ---------------------------------------------------------------
 
@@ -294,33 +318,72 @@ class JobManager:
         return got
 
     async def checkpoint(self, job_id: str, account: LocalAccount, *, stop: bool = False,
-                         extra_args: Sequence[str] = (), timeout: float = 600.0) -> Checkpoint:
-        """Dump the job into a new spool image directory; the job goes on unless *stop*."""
+                         extra_args: Sequence[str] = (), timeout: float = 600.0,
+                         api_timeout: float = API_TIMEOUT) -> Checkpoint:
+        """Dump the job into a new spool image directory; the job goes on unless *stop*.
+
+        Processes of the job that use the application API are told first: the dump waits for
+        their critical sections (at most *api_timeout* s, else ``critical-section``) and
+        callbacks, and they hear ``continue`` (or ``aborted``) after it.
+        """
         job = await self.running(job_id, account)
         assert job.pid is not None and job.root_pid is not None
         table = process_table()
         root_host = host_pid_of(job.pid, job.root_pid, table)
         if root_host is None:
             raise JobError('not-running', f'job {job_id} has no process {job.root_pid} any more')
-        problems = await asyncio.to_thread(scan, job.pid, root_host)
-        if problems:
-            raise JobError('not-checkpointable', f'job {job_id} cannot be checkpointed: '
-                           + str(NotCheckpointable(problems)))
-        image_id = 'i' + secrets.token_hex(8)
-        images_dir = self._make_image_dir(account, image_id)
+        self._checkpointing.add(job_id)
         try:
-            res = await criu.dump(job.root_pid, images_dir, account, leave_running=not stop,
-                                  namespace=job.namespace, criu_path=self.criu_path,
-                                  extra_args=extra_args, timeout=timeout)
-        except criu.CriuError as exc:
-            shutil.rmtree(images_dir, ignore_errors=True)
-            raise JobError('checkpoint-failed', f'checkpoint of job {job_id} failed: {exc}') from None
+            # API hook 1: prepare (no participants: nothing happens, no cost).
+            parts = apictl.job_participants(job.pid, table)
+            api_wait = 0.0
+            if parts:
+                prep = await apictl.prepare(account, parts, timeout=api_timeout,
+                                            hold=timeout + 60, python=self.init_python)
+                api_wait = prep.seconds
+                if not prep.ok:
+                    reason = prep.reason(api_timeout)
+                    await apictl.resume(account, parts, 'aborted', reason, self.init_python)
+                    raise JobError(prep.kind, f'checkpoint of job {job_id} refused by the job: '
+                                   f'{reason}')
+            try:
+                image_id, images_dir, res = await self._dump(job, account, root_host, stop,
+                                                             extra_args, timeout)
+            except BaseException as exc:
+                # API hook 2a: no checkpoint after all.
+                if parts:
+                    await apictl.resume(account, parts, 'aborted', str(exc).split('\n')[0],
+                                        self.init_python)
+                raise
+            # API hook 2b: the checkpoint was taken (with --stop the job is gone).
+            if parts and not stop:
+                await apictl.resume(account, parts, 'continue', '', self.init_python)
+        finally:
+            self._checkpointing.discard(job_id)
         await self.table.update(job_id, last_image=image_id)
         if stop:
             await self._ended(job, 'checkpointed', f'stopped by checkpoint {image_id}')
         got = await self.table.get(job_id)
         assert got is not None
-        return Checkpoint(got, image_id, images_dir, res.seconds, res.log)
+        return Checkpoint(got, image_id, images_dir, res.seconds, res.log, len(parts), api_wait)
+
+    async def _dump(self, job: Job, account: LocalAccount, root_host: int, stop: bool,
+                    extra_args: Sequence[str], timeout: float) -> tuple[str, str, criu.DumpResult]:
+        """Refuse what CRIU cannot carry, then dump: ``(image id, images dir, result)``."""
+        problems = await asyncio.to_thread(scan, job.pid, root_host)
+        if problems:
+            raise JobError('not-checkpointable', f'job {job.id} cannot be checkpointed: '
+                           + str(NotCheckpointable(problems)))
+        image_id = 'i' + secrets.token_hex(8)
+        images_dir = self._make_image_dir(account, image_id)
+        try:
+            res = await criu.dump(job.root_pid or 0, images_dir, account, leave_running=not stop,
+                                  namespace=job.namespace, criu_path=self.criu_path,
+                                  extra_args=extra_args, timeout=timeout)
+        except criu.CriuError as exc:
+            shutil.rmtree(images_dir, ignore_errors=True)
+            raise JobError('checkpoint-failed', f'checkpoint of job {job.id} failed: {exc}') from None
+        return image_id, images_dir, res
 
     async def restore(self, images_dir: str, account: LocalAccount, *,
                       image_id: str | None = None, parent_job: str | None = None,
@@ -345,6 +408,11 @@ class JobManager:
             raise JobError('restore-failed', str(exc)) from None
         await self.table.update(job_id, state='running', pid=res.pid, starttime=res.starttime,
                                 root_pid=res.root, detail=f'restored in {res.seconds:.3f} s')
+        # API hook 3: restored participants are still waiting for how their checkpoint went.
+        # (They would notice the restart by themselves within 0.25 s; this makes it at once.)
+        parts = await asyncio.to_thread(apictl.job_participants, res.pid)
+        if parts:
+            await apictl.resume(account, parts, 'restart', '', self.init_python)
         got = await self.table.get(job_id)
         assert got is not None
         return got
@@ -371,6 +439,28 @@ class JobManager:
         got = await self.table.get(job_id)
         assert got is not None
         return got
+
+    async def checkpoint_requests(self) -> list[CheckpointRequest]:
+        """Running jobs of this node that asked for a checkpoint of themselves
+        (``api.request_checkpoint``), found from /proc alone (thread names).  The gateway's
+        periodic task checkpoints each for its owner as ``xos-cr checkpoint JOB [--stop]``
+        would (image committed to the owner's images); the checkpoint clears the request.
+        Jobs with a checkpoint under way are left out."""
+        jobs = [j for j in await self.table.list(states=['running'])
+                if j.node == self.node and j.id not in self._checkpointing
+                and process_alive(j.pid, j.starttime, j.uid)]
+        if not jobs:
+            return []
+
+        def find() -> list[CheckpointRequest]:
+            table = process_table()
+            out = []
+            for job in jobs:
+                asks = {p.request for p in apictl.job_participants(job.pid or 0, table)}
+                if asks - {''}:
+                    out.append(CheckpointRequest(job, stop='stop' in asks))
+            return out
+        return await asyncio.to_thread(find)
 
     async def poll(self) -> list[Job]:
         """Mark running jobs whose init is gone as ``exited``; return them (for a periodic

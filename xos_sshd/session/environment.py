@@ -13,9 +13,9 @@ from ..ams import LocalAccount
 from ..auth.identity import VOIdentity
 
 DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin:/usr/games'
-_LOCALE_NAME = re.compile(r'^(LANG|LANGUAGE|LC_[A-Z]+)$')
-_LOCALE_VALUE = re.compile(r'^[A-Za-z0-9_.@:-]{0,64}$')
-_TERM_VALUE = re.compile(r'^[A-Za-z0-9_.+-]{1,64}$')
+_LOCALE_NAME = re.compile(r'^(LANG|LANGUAGE|LC_[A-Z]+)\Z')
+_LOCALE_VALUE = re.compile(r'^[A-Za-z0-9_.@:-]{0,64}\Z')
+_TERM_VALUE = re.compile(r'^[A-Za-z0-9_.+-]{1,64}\Z')
 
 
 def session_environment(identity: VOIdentity, account: LocalAccount,

@@ -39,6 +39,8 @@ _libc = _ffi.dlopen('libc.so.6')
 
 assert _ffi.sizeof('struct utmpx') == 384, 'unexpected struct utmpx layout'
 
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 USER_PROCESS = 7
@@ -50,6 +52,13 @@ def set_no_new_privs() -> None:
     """Make execve never grant privileges again (setuid bits, file caps) to this process tree."""
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(_ffi.errno, 'prctl(PR_SET_NO_NEW_PRIVS) failed')
+
+
+def set_child_subreaper(on: bool = True) -> None:
+    """Adopt orphaned descendants (job inits, once their namespace helper exits) instead of
+    letting them go to pid 1; they must then be reaped (:mod:`xos_sshd.cr.reaper`)."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1 if on else 0, 0, 0, 0) != 0:
+        raise OSError(_ffi.errno, 'prctl(PR_SET_CHILD_SUBREAPER) failed')
 
 
 def utmp_record(kind: int, pid: int, line: str, user: str, host: str, now: float) -> None:
