@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from gatewayproc import SSH_XOS, VENV_BIN, VOCA, GatewayProcess, kill_uid_processes, run
 
 from xos_sshd.auth.ca import CertificateAuthority
+from xos_sshd.gateway import running_uids
 
 XOS_AMS = str(VENV_BIN / 'xos-ams')
 
@@ -49,17 +50,6 @@ def ams_json(gw: GatewayProcess, *args: str) -> Any:
 def _passwd_names(gw: GatewayProcess) -> set[str]:
     path = gw.state / 'nss' / 'passwd'
     return {line.split(':')[0] for line in path.read_text().splitlines()} if path.exists() else set()
-
-
-def _running_uids() -> set[int]:
-    uids = set()
-    for entry in os.scandir('/proc'):
-        if entry.name.isdigit():
-            try:
-                uids.add(entry.stat().st_uid)
-            except FileNotFoundError:
-                pass
-    return uids
 
 
 def test_list_and_show(gw: GatewayProcess, dev_ca: VOCA, tmp_path: Path,
@@ -117,7 +107,7 @@ def test_pin_ban_release_and_history(gw: GatewayProcess, dev_ca: VOCA, tmp_path:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
-        while uid not in _running_uids():
+        while uid not in running_uids():
             assert time.monotonic() < deadline, 'the sleep never started'
             time.sleep(0.1)
         res = ams(gw, 'release', 'dev-alice')
