@@ -6,6 +6,7 @@ Nothing is skipped: if CRIU cannot work on this machine, these tests fail with C
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from crhelpers import ints, kill_tree_of, uid_processes, wait_for
 from xos_sshd.ams import LocalAccount
 from xos_sshd.ams.store import SCHEMA_VERSION, Store
 from xos_sshd.cr import criu
+from xos_sshd.cr import jobinit
 from xos_sshd.cr.jobs import JobError, JobManager, JobTable, process_alive, reconcile
 
 pytest_plugins = ["crfixtures"]  # fixtures: account, other_account, manager, store, cr_base
@@ -254,7 +256,16 @@ async def test_job_runs_as_the_account_without_privileges(manager: JobManager, a
     assert await manager.table.list(uid=other_account.uid) == []
     # The command gets default signal dispositions although its init is Python (which
     # ignores SIGPIPE and SIGXFSZ) and no blocked signals.
-    await manager.start(account, ['sh', '-c', 'cat /proc/self/status > sigs.tmp; mv sigs.tmp sigs'])
+    # The parent leaves glibc's reserved signal 32 ignored (as a library may): the job's
+    # command must still start with it at its default.
+    ign = jobinit._KernelSigaction(1, 0, None, 0)  # SIG_IGN
+    old = jobinit._KernelSigaction()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(13, 32, ctypes.byref(ign), ctypes.byref(old), 8)
+    try:
+        await manager.start(account, ['sh', '-c', 'cat /proc/self/status > sigs.tmp; mv sigs.tmp sigs'])
+    finally:
+        libc.syscall(13, 32, ctypes.byref(old), None, 8)
     sigs = Path(account.home) / 'sigs'
     await asyncio.to_thread(wait_for, sigs.exists)
     status = dict(ln.split(':', 1) for ln in sigs.read_text().splitlines())

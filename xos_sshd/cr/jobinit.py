@@ -31,14 +31,47 @@ or restore time, only its ~9 MiB of resident memory per job and ~20 ms at start.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import signal
 import sys
 from types import FrameType
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
+
+
+class _KernelSigaction(ctypes.Structure):
+    """``struct sigaction`` as the x86-64 ``rt_sigaction`` system call takes it."""
+
+    _fields_ = [('handler', ctypes.c_void_p), ('flags', ctypes.c_ulong),
+                ('restorer', ctypes.c_void_p), ('mask', ctypes.c_uint64)]
+
+
+def reset_signals() -> None:
+    """Every signal to its default action and an empty mask, for the command about to exec.
+
+    exec keeps ignored signals ignored and the mask as it is.  Python's own ignores
+    (SIGPIPE, SIGXFSZ) are undone by ``signal.signal``, but glibc refuses to touch its
+    reserved real-time signals 32 and 33 through sigaction/sigprocmask, so a parent that
+    left one of those ignored or blocked would leak it into every job: on x86-64 the
+    system calls are made directly.
+    """
+    for sig in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if platform.machine() != 'x86_64':
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_rt_sigaction, sys_rt_sigprocmask, sig_setmask = 13, 14, 2
+    default = _KernelSigaction(0, 0, None, 0)
+    for sig in range(1, 65):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            libc.syscall(sys_rt_sigaction, sig, ctypes.byref(default), None, 8)
+    empty = ctypes.c_uint64(0)
+    libc.syscall(sys_rt_sigprocmask, sig_setmask, ctypes.byref(empty), None, 8)
 
 
 def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -73,11 +106,7 @@ def start(argv: list[str], cwd: str) -> int:
         try:
             os.close(err_r)
             os.setsid()  # CRIU wants the dumped root to lead its own session
-            # Python ignores SIGPIPE and SIGXFSZ: the command must get the defaults (as
-            # subprocess's restore_signals does), and an empty signal mask.
-            for sig in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            reset_signals()  # defaults and an empty mask, whatever the parents left
             try:
                 os.chdir(cwd)
             except OSError:
