@@ -247,19 +247,6 @@ async def pick_dynamic(txn: Txn, ctx: Context, pol: VOPolicy, identity: Identity
     return name, uid, gid
 
 
-async def create_dynamic(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
-    """Create a dynamic account (name, uid, private group, VO groups); return the mapping id."""
-    name, uid, gid = await pick_dynamic(txn, ctx, pol, identity)
-    home = f"{pol.home_base.rstrip('/')}/{name}"
-    mid = await _insert_mapping(txn, ctx, pol, identity, "dynamic", name, uid, gid, home, pol.shell,
-                                gecos_for(identity))
-    await txn.execute(
-        "INSERT INTO groups (gid, name, vo, kind, owner) VALUES (?,?,?,'private',?)", (gid, name, pol.vo, mid)
-    )
-    await sync_groups(txn, ctx, pol, mid, identity.groups)
-    return mid
-
-
 async def pick_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> tuple[str, int, int]:
     """The (name, uid, gid) of the first free pool account (reads only); ``pool-exhausted`` if none."""
     assert pol.uid_range is not None and pol.gid_range is not None
@@ -289,11 +276,14 @@ async def pick_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLik
     return name, uid, gid
 
 
-async def create_pool(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
-    """Lease the first free pool account; refuse ``pool-exhausted`` when none is free."""
-    name, uid, gid = await pick_pool(txn, ctx, pol, identity)
+async def create_leased(txn: Txn, ctx: Context, pol: VOPolicy, identity: IdentityLike) -> int:
+    """Create a dynamic account or lease the first free pool account (per ``pol.kind``):
+    the mapping, its private group and its VO groups; return the mapping id.
+    A pool with none free is refused ``pool-exhausted`` (by :func:`pick_pool`)."""
+    pick = pick_dynamic if pol.kind == "dynamic" else pick_pool
+    name, uid, gid = await pick(txn, ctx, pol, identity)
     home = f"{pol.home_base.rstrip('/')}/{name}"
-    mid = await _insert_mapping(txn, ctx, pol, identity, "pool", name, uid, gid, home, pol.shell,
+    mid = await _insert_mapping(txn, ctx, pol, identity, pol.kind, name, uid, gid, home, pol.shell,
                                 gecos_for(identity))
     await txn.execute(
         "INSERT INTO groups (gid, name, vo, kind, owner) VALUES (?,?,?,'private',?)", (gid, name, pol.vo, mid)

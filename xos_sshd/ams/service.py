@@ -227,10 +227,8 @@ class AMS:
             elif static_err is not None:
                 refuse = static_err
             else:
-                if pol.kind == "dynamic":
-                    mid = await P.create_dynamic(txn, ctx, pol, identity)
-                elif pol.kind == "pool":
-                    mid = await P.create_pool(txn, ctx, pol, identity)
+                if pol.kind in ("dynamic", "pool"):
+                    mid = await P.create_leased(txn, ctx, pol, identity)
                 else:
                     assert static_pw is not None
                     mid = await P.create_static(txn, ctx, pol, identity, static_pw)
