@@ -167,37 +167,33 @@ static bool utf8_valid(const char *s)
 	return true;
 }
 
-/* A PAM service name as the client accepts it in the prompt:
- * [A-Za-z0-9._+-]{1,64}. */
-static bool service_ok(const char *s)
+/* True when s is 1..max characters, each alphanumeric or one of extra. */
+static bool charset_ok(const char *s, size_t max, const char *extra)
 {
 	size_t n = strlen(s);
 
-	if (n == 0 || n > MAX_SERVICE)
+	if (n == 0 || n > max)
 		return false;
 	for (size_t i = 0; i < n; i++) {
 		char c = s[i];
 		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-		      c == '.' || c == '_' || c == '+' || c == '-'))
+		      strchr(extra, c)))
 			return false;
 	}
 	return true;
 }
 
+/* A PAM service name as the client accepts it in the prompt:
+ * [A-Za-z0-9._+-]{1,64}. */
+static bool service_ok(const char *s)
+{
+	return charset_ok(s, MAX_SERVICE, "._+-");
+}
+
 /* The nonce goes into the prompt verbatim: only base64 characters. */
 static bool nonce_ok(const char *s)
 {
-	size_t n = strlen(s);
-
-	if (n == 0 || n > MAX_NONCE)
-		return false;
-	for (size_t i = 0; i < n; i++) {
-		char c = s[i];
-		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-		      c == '+' || c == '/' || c == '='))
-			return false;
-	}
-	return true;
+	return charset_ok(s, MAX_NONCE, "+/=");
 }
 
 /* Copies a daemon-supplied string for syslog: control characters become

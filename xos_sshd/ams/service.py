@@ -191,13 +191,7 @@ class AMS:
 
     async def _map_once(self, pol: VOPolicy, identity: P.IdentityLike) -> LocalAccount:
         ctx = self._ctx()
-        static_pw = None
-        static_err: MappingRefused | None = None
-        if pol.kind == "static":
-            try:
-                static_pw = P.resolve_static(pol, identity, ctx)
-            except MappingRefused as exc:
-                static_err = exc
+        static_pw, static_err = _static_account(pol, identity, ctx)
         key = (identity.vo, identity.user, P.role_key(pol, identity))
         changed = False
         refuse: MappingRefused | None = None
@@ -281,13 +275,7 @@ class AMS:
                                   vo_groups=vo_groups)
         rk = P.role_key(pol, identity)
         ctx = self._ctx()
-        static_pw = None
-        static_err: MappingRefused | None = None
-        if pol.kind == "static":
-            try:
-                static_pw = P.resolve_static(pol, identity, ctx)
-            except MappingRefused as exc:
-                static_err = exc
+        static_pw, static_err = _static_account(pol, identity, ctx)
 
         def preview(outcome: str, account: LocalAccount | None, exc: MappingRefused | None = None,
                     message: str = "", record: MappingRecord | None = None) -> MappingPreview:
@@ -549,3 +537,15 @@ async def _shielded(coro: Awaitable[T]) -> T:
 def _log_failure(task: "asyncio.Future[Any]") -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("AMS operation failed after its caller was cancelled", exc_info=task.exception())
+
+
+def _static_account(pol: VOPolicy, identity: P.IdentityLike,
+                    ctx: P.Context) -> tuple[Any, MappingRefused | None]:
+    """For a static VO: the system account the table names, or why it cannot be used
+    (resolved before the transaction, since it reads the system's passwd database)."""
+    if pol.kind != "static":
+        return None, None
+    try:
+        return P.resolve_static(pol, identity, ctx), None
+    except MappingRefused as exc:
+        return None, exc
