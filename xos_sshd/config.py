@@ -71,6 +71,21 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """The ``[limits]`` table: admission control and per-account caps (filled in below)."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The ``[session]`` table: PAM sessions and resource limits of user processes."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The ``[metrics]`` table: the optional Prometheus endpoint."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated gateway configuration."""
 
@@ -92,6 +107,9 @@ class Config:
     source: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def ams_db(self) -> Path:
@@ -112,7 +130,8 @@ class Config:
 _TOP_KEYS = {'state_dir', 'listen', 'host_keys', 'vo', 'audit_log', 'nss_dir', 'control_socket',
              'cr_socket',
              'allow_port_forwarding', 'allow_agent_forwarding', 'login_grace_seconds',
-             'clock_skew_seconds', 'log_level', 'reclaim_interval_seconds', 'images'}
+             'clock_skew_seconds', 'log_level', 'reclaim_interval_seconds', 'images',
+             'limits', 'session', 'metrics'}
 _VO_KEYS = {'ca', 'crl', 'crl_required', 'policy', 'uid_range', 'gid_range', 'lease_hours',
             'home_base', 'shell', 'account_prefix', 'map_roles', 'pool', 'static'}
 _IMAGES_KEYS = {'trusted_node_keys', 'quota_bytes', 'quota_count', 'criu_path', 'node_name'}
@@ -172,7 +191,42 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         reclaim_interval_seconds=float(reclaim),
         source=source,
         images=_images_config(raw.get('images', {})),
+        limits=_limits_config(_table(raw, 'limits')),
+        session=_session_config(_table(raw, 'session')),
+        metrics=_metrics_config(_table(raw, 'metrics')),
     )
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """An optional sub-table: absent is empty, anything but a table is an error."""
+    table = raw.get(key, {})
+    if not isinstance(table, dict):
+        raise ConfigError(key, 'must be a table')
+    return table
+
+
+# --- [limits] ---------------------------------------------------------------------------
+
+def _limits_config(table: Mapping[str, Any]) -> LimitsConfig:
+    """The optional ``[limits]`` table."""
+    _no_unknown_keys(table, set(), 'limits.')
+    return LimitsConfig()
+
+
+# --- [session] --------------------------------------------------------------------------
+
+def _session_config(table: Mapping[str, Any]) -> SessionConfig:
+    """The optional ``[session]`` table."""
+    _no_unknown_keys(table, set(), 'session.')
+    return SessionConfig()
+
+
+# --- [metrics] --------------------------------------------------------------------------
+
+def _metrics_config(table: Mapping[str, Any]) -> MetricsConfig:
+    """The optional ``[metrics]`` table."""
+    _no_unknown_keys(table, set(), 'metrics.')
+    return MetricsConfig()
 
 
 def _images_config(table: Any) -> ImagesConfig:
