@@ -1,5 +1,7 @@
 # xos-sshd — see README.md.  `make run`: dev gateway on 127.0.0.1:2222;  `make test`: everything.
-PYTHON ?= python3
+# The system's python3 when there is one: mapped users run .venv/bin/xos-cr inside their
+# sessions, and an interpreter under a private home (pyenv in /root, 0700) is not theirs to run.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 

@@ -49,8 +49,17 @@ def test_dev_mode_banner_commands_work_and_restart_is_idempotent() -> None:
                                  timeout=30, stdin=subprocess.DEVNULL)
             assert res.returncode == 0, (command, res.stderr)
             assert res.stdout.split()[1] == 'dev-alice'
+            id_res = res
+        # The local xos-cr the banner names runs as the mapped user inside a session (the
+        # venv's interpreter must be one that user may execute).
+        inside = next(l for l in banner if 'inside a session' in l).split(': ', 1)[1].rstrip(')')
+        argv = shlex.split(commands[0])
+        argv[1:1] = ['-o', 'UserKnownHostsFile=/dev/null', '-o', 'StrictHostKeyChecking=no']
+        res = subprocess.run(argv + [inside], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        assert res.returncode == 0, (inside, res.stdout, res.stderr)
         made = {p: _digest(state / p) for p in ('ca/ca.pem', 'ca/ca.key', 'hostkeys/ssh_host_ed25519_key')}
-        uid = int(res.stdout.split()[0])
+        uid = int(id_res.stdout.split()[0])
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

@@ -73,6 +73,7 @@ def login_help(state_dir: Path, port: int) -> str:
             f'jobs that outlive the session, checkpointed and restarted with CRIU:\n'
             f'  {bin_dir}/xos-cr -i {prefix} -p {port} 127.0.0.1 run -- sleep 600\n'
             f'  {bin_dir}/xos-cr -i {prefix} -p {port} 127.0.0.1 list\n'
+            f'  (inside a session on the node: {bin_dir}/xos-cr list)\n'
             f'issue more users:\n'
             f'  {bin_dir}/xos-ca issue {state_dir / "ca"} --user bob --group physics --out bob\n')
 
