@@ -13,6 +13,9 @@
 # homes); CRIU dumps and restores as the job's uid with CHECKPOINT_RESTORE, SYS_PTRACE and
 # SETPCAP ambient; jobs get PID and mount namespaces (SYS_ADMIN); seccomp/AppArmor profiles
 # of container engines block the ptrace/namespace calls CRIU needs.
+# [session] rlimits above the container's own hard limits need --cap-add SYS_RESOURCE
+# (without it they are lowered to the container's); [session] pam = true uses
+# /etc/pam.d/xos-sshd (installed below) and accounts resolvable through nsswitch.conf.
 # Volumes: /etc/xos-sshd (config.toml, host keys, VO CA certificates and CRLs, read-only),
 # /var/lib/xos-sshd (AMS database, NSS tables, images, audit log), /home (mapped homes),
 # /run/xos-sshd (control socket, shared with the host's pam_xos).
@@ -31,13 +34,15 @@ RUN python3 -m venv /opt/xos-sshd \
 
 FROM debian:trixie-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends criu libpam0g openssh-server \
-    python3 util-linux \
+ && apt-get install -y --no-install-recommends criu libpam0g libpam-modules \
+    openssh-server python3 util-linux \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/xos-sshd /opt/xos-sshd
 COPY --from=build /src/native/build/libnss_xos.so.2 /usr/lib/x86_64-linux-gnu/
 COPY --from=build /src/native/build/pam_xos.so /usr/lib/x86_64-linux-gnu/security/
 COPY deploy/config.example.toml /etc/xos-sshd/config.toml
+# The PAM service of sessions, used with [session] pam = true (README "Configuration").
+COPY deploy/pam.d/xos-sshd /etc/pam.d/xos-sshd
 ENV PATH=/opt/xos-sshd/bin:$PATH
 VOLUME ["/etc/xos-sshd", "/var/lib/xos-sshd", "/home", "/run/xos-sshd"]
 EXPOSE 22022

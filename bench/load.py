@@ -13,6 +13,14 @@ Phase 2  for ``--duration`` s, start logins at ``--rate``/s on an open-loop sche
          hostile (expired, foreign CA of the same VO name, revoked, tampered TBS, plain key,
          valid cert asking for ``root``).  A valid login must be accepted, a hostile one refused.
 
+The gateway's ``[limits]`` are set for a load test from one machine (see :data:`LIMITS`, printed
+at start): every client connects from 127.0.0.1, so loopback is exempt from the per-source
+penalties (the hostile logins would otherwise get 127.0.0.1 refused, valid logins with it),
+``max_startups`` is far above ``--max-inflight`` + ``--open-concurrency``, there is no
+per-source startup cap and no per-account session cap (``--users`` accounts share
+``--sessions`` sessions).  The defaults (10:30:100, 10 per source, penalties) are for a
+gateway facing the internet; tests/test_limits.py shows them bite.
+
 Gateway RSS (VmRSS) and open fds are read from /proc before phase 1 (after a warm-up login of
 every user, so the mappings exist), with the sessions held, after phase 1, and after phase 2
 (after ``--settle`` s); ``--rounds N`` repeats phase 2 to tell a leak from a high-water
@@ -62,6 +70,9 @@ from xos_sshd.auth.ca import CertificateAuthority, issue
 VO = 'load'
 NOFILE_WANTED = 65536
 LOGIN_TIMEOUT = 30.0  # one client login, handshake to exit status
+#: The gateway's [limits] for this benchmark (module docstring: why not the defaults).
+LIMITS = {'penalty_exempt': ['127.0.0.0/8', '::1/128'], 'max_startups': '2000:30:4000',
+          'max_startups_per_source': 0, 'max_sessions_per_account': 0}
 
 
 # --- credentials ------------------------------------------------------------------------------
@@ -582,8 +593,11 @@ def main() -> int:
         gw = GatewayProcess.configure(base, {VO: {
             'ca': str(ca.dir / 'ca.pem'), 'crl': str(ca.dir / 'crl.pem'), 'policy': 'dynamic',
             'uid_range': list(uid_range), 'account_prefix': f'{VO}-',
-            'home_base': str(base / 'home')}}, log_level='warning')
+            'home_base': str(base / 'home')}}, limits=LIMITS, log_level='warning')
         gw.start(debug=False)
+        print('gateway [limits] for a single-machine load test: '
+              + ', '.join(f'{k} = {v}' for k, v in LIMITS.items())
+              + ' (loopback exempt from penalties; see the docstring)')
         print(f'xos-sshd pid {gw.proc.pid} on 127.0.0.1:{gw.port}; fd limit client '
               f'{nofile[0]}/{nofile[1]}, gateway {nofile_limit(gw.proc.pid)}; '
               + ', '.join(process_limits()))

@@ -6,7 +6,7 @@
 set -eu
 
 RUN_PKGS="python3 python3-venv"
-TEST_PKGS="$RUN_PKGS python3-dev gcc make libc6-dev libpam0g-dev openssh-client openssh-server util-linux bsdutils procps iproute2 valgrind sqlite3"
+TEST_PKGS="$RUN_PKGS python3-dev gcc make libc6-dev libpam0g libpam0g-dev libpam-modules openssh-client openssh-server util-linux bsdutils procps iproute2 valgrind sqlite3"
 
 case "${1:-test}" in
   run) wanted=$RUN_PKGS ;;

@@ -71,6 +71,15 @@ def release_uid_range(first: int) -> None:
         os.close(fd)
 
 
+#: The ``[limits]`` table a test gateway gets unless the test passes ``limits=``: every
+#: client of the suite connects from loopback, many tests make several refused logins in a
+#: row and some log in a dozen times at once, so loopback is exempt from penalties and the
+#: startup caps are far above what a test opens.  Tests of the limits pass their own table
+#: (``limits={}`` = the gateway's defaults).
+TEST_LIMITS: dict[str, Any] = {'penalty_exempt': ['127.0.0.0/8', '::1/128'],
+                               'max_startups': '100:30:200', 'max_startups_per_source': 0}
+
+
 def run(*argv: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
     kw.setdefault('capture_output', True)
     kw.setdefault('text', True)
@@ -115,8 +124,10 @@ class GatewayProcess:
     control_socket: Path = field(default=Path('/dev/null'))
 
     @classmethod
-    def configure(cls, base: Path, vos: dict[str, dict[str, Any]], **top: Any) -> 'GatewayProcess':
-        """Write a config with one table per VO (``ca``, ``crl``, policy fields)."""
+    def configure(cls, base: Path, vos: dict[str, dict[str, Any]],
+                  limits: dict[str, Any] | None = None, **top: Any) -> 'GatewayProcess':
+        """Write a config with one table per VO (``ca``, ``crl``, policy fields) and a
+        ``[limits]`` table (:data:`TEST_LIMITS` unless *limits* is given)."""
         state = base / 'state'
         state.mkdir(mode=0o755, exist_ok=True)
         keys = base / 'hostkeys'
@@ -136,6 +147,8 @@ class GatewayProcess:
                 if isinstance(v, dict):
                     lines.append(f'[vo.{name}.{k}]')
                     lines += [f'{kk} = {_toml(vv)}' for kk, vv in v.items()]
+        lines.append('[limits]')
+        lines += [f'{k} = {_toml(v)}' for k, v in (TEST_LIMITS if limits is None else limits).items()]
         config = base / 'config.toml'
         config.write_text('\n'.join(lines) + '\n')
         return cls(base, port, state, config, log_path=base / 'gateway.log',

@@ -182,7 +182,7 @@ def test_open_session_creates_the_home_like_a_gateway_login(gateway: GatewayProc
         assert client.call('pam.open_session', service='sshd', user='dev-alice')['home_created'] is False
         closed = client.call('pam.close_session', service='sshd', user='dev-alice', tty='/dev/pts/9')
         assert closed['account'] == 'dev-alice'
-    sessions = [e for e in gateway.audit() if e['event'] == 'session']
+    sessions = [e for e in gateway.audit() if e['event'] == 'session' and e['route'] == 'pam']
     assert [e['action'] for e in sessions] == ['open', 'open', 'close']
     assert sessions[0]['tty'] == '/dev/pts/9' and sessions[0]['source'] == '192.0.2.7'
     assert all(e['account'] == 'dev-alice' and e['route'] == 'pam' for e in sessions)

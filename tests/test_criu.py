@@ -58,9 +58,10 @@ async def test_probe_as_root_and_as_the_account(account: LocalAccount) -> None:
     print(f'\ncriu {info.version_text} at {info.path}: check {info.check!r}, features {info.features}')
     user = await criu.probe(account=account)
     assert user.unprivileged and user.check.startswith('Looks good')
-    # userfaultfd for unprivileged processes follows vm.unprivileged_userfaultfd.
-    unpriv_uffd = Path('/proc/sys/vm/unprivileged_userfaultfd').read_text().strip() == '1'
-    assert user.features['lazy_pages'] == (info.features['lazy_pages'] and unpriv_uffd)
+    # CRIU 4.1.1 never uses userfaultfd in --unprivileged mode (its kerndat skips it, whatever
+    # vm.unprivileged_userfaultfd says): lazy pages are probed from root's features and the
+    # sysctls instead (cr/migcaps.py), and its daemons run in a user namespace of their own.
+    assert user.features['lazy_pages'] is False
     print(f'as {account.name}: features {user.features}')
 
 

@@ -137,8 +137,10 @@ def test_pin_ban_release_and_history(gw: GatewayProcess, dev_ca: VOCA, tmp_path:
     assert human[0].split() == ['TIME', 'EVENT', 'ACCOUNT', 'UID', 'IDENTITY', 'DETAIL']
     assert [line.split()[3] for line in human[1:]] == [e['event'] for e in events]
     assert ams(gw, 'history', 'dev-zed').stdout.strip() == 'no history for dev-zed'
-    admin = [e['action'] for e in gw.audit() if e['event'] == 'admin']
-    assert admin == ['pin', 'unpin', 'ban', 'unban', 'release']
+    admin = [(e['action'], e['outcome'], e.get('reason')) for e in gw.audit() if e['event'] == 'admin']
+    assert admin == [('pin', 'ok', None), ('unpin', 'ok', None), ('ban', 'ok', None),
+                     ('unban', 'ok', None), ('release', 'refused', 'account-busy'),
+                     ('release', 'ok', None)]
 
 
 def test_explain_a_new_certificate_maps_nothing(gw: GatewayProcess, dev_ca: VOCA, tmp_path: Path,

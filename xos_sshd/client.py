@@ -411,10 +411,12 @@ async def _run_session(conn: asyncssh.SSHClientConnection, opts: Options) -> int
 
 async def connect(identity: Identity, host: str, port: int, login: str, policy: HostKeyPolicy, *,
                   kbdint: bool = False, connect_timeout: float | None = None,
-                  keepalive: tuple[float, int] = (0, 3)) -> asyncssh.SSHClientConnection:
+                  keepalive: tuple[float, int] = (0, 3),
+                  **options: Any) -> asyncssh.SSHClientConnection:
     """Connect and authenticate with the XOS-cert only; every failure is a `ClientError`.
 
-    Shared by ``ssh-xos`` and ``xos-cr``'s remote mode.
+    Shared by ``ssh-xos`` and ``xos-cr``'s remote mode; *options* go to asyncssh as they are
+    (xos-cr prefers AES-GCM: its migration streams are bulk data).
     """
     client = _Client(policy, identity, login, kbdint)
     methods = ["publickey"] + (["keyboard-interactive"] if kbdint else [])
@@ -427,7 +429,7 @@ async def connect(identity: Identity, host: str, port: int, login: str, policy: 
             kbdint_auth=kbdint, gss_auth=False, host_based_auth=False,
             preferred_auth=methods, config=None, x509_trusted_certs=[], x509_trusted_cert_paths=[],
             connect_timeout=connect_timeout, keepalive_interval=keepalive[0],
-            keepalive_count_max=keepalive[1])
+            keepalive_count_max=keepalive[1], **options)
     except asyncssh.HostKeyNotVerifiable as exc:
         raise ClientError(policy.error or f"host key verification failed for {where}: {exc.reason}") from None
     except asyncssh.PermissionDenied:

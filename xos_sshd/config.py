@@ -72,17 +72,77 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """The ``[limits]`` table: admission control and per-account caps (filled in below)."""
+    """The ``[limits]`` table: admission control and per-account caps
+    (:mod:`xos_sshd.admission`, :mod:`xos_sshd.liveconn`).
+
+    ``max_startups`` = (start, rate, full), OpenSSH ``MaxStartups``: beyond *start*
+    unauthenticated connections a new one is refused with probability *rate* % rising
+    linearly to 100 % at *full*.  ``max_startups_per_source``: unauthenticated connections
+    from one source (IPv4 address, IPv6 /64) at once; 0 = no limit.  ``penalty_*`` (seconds),
+    as OpenSSH ``PerSourcePenalties``: a source that failed authentication (``authfail``),
+    ran out of ``login_grace_seconds`` (``grace_exceeded``) or went away without
+    authenticating (``noauth``) collects that much penalty; once it holds ``penalty_min`` it
+    is refused for as long as it holds (at most ``penalty_max``).  ``penalty_exempt``:
+    networks never penalised.  ``max_sessions_per_connection`` (OpenSSH ``MaxSessions``),
+    ``max_sessions_per_account`` (across connections), ``max_jobs_per_account`` (running
+    ``xos-cr`` jobs on this node): 0 = no limit for the per-account ones.
+    ``revocation_check_seconds``: how often live connections are checked against the CRLs.
+    ``keepalive_seconds``/``keepalive_count_max``: SSH keepalives to the client (0 = off).
+    """
+
+    max_startups: tuple[int, int, int] = (10, 30, 100)
+    max_startups_per_source: int = 10
+    penalties: bool = True
+    penalty_authfail: float = 5.0
+    penalty_noauth: float = 1.0
+    penalty_grace_exceeded: float = 20.0
+    penalty_min: float = 15.0
+    penalty_max: float = 600.0
+    penalty_exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_sessions_per_connection: int = 10
+    max_sessions_per_account: int = 100
+    max_jobs_per_account: int = 20
+    revocation_check_seconds: float = 2.0
+    keepalive_seconds: float = 60.0
+    keepalive_count_max: int = 3
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """The ``[session]`` table: PAM sessions and resource limits of user processes."""
+    """The ``[session]`` table: PAM sessions and resource limits of user processes
+    (:mod:`xos_sshd.session.spawn`, :mod:`xos_sshd.session.pamsession`).
+
+    ``pam``: open a PAM session (service ``pam_service``, ``/etc/pam.d/<pam_service>``) for
+    every session process, as sshd's ``UsePAM``, in a per-session root helper (never in the
+    gateway).  ``pam_confdir``: read the service file from this directory instead of
+    /etc/pam.d (``pam_start_confdir``; for tests and containers).  ``rlimits``: resource
+    limits of every session process and job, ``(name, soft, hard)`` with limits.conf's names
+    and setrlimit(2)'s units (bytes, seconds); ``UNLIMITED`` (-1) is ``RLIM_INFINITY``.
+    Given, the table replaces the default (nofile 1024 soft / 524288 hard, as systemd gives
+    user services); with ``pam`` they are set before the PAM session opens, so pam_limits
+    overrides what limits.conf names.
+    """
+
+    pam: bool = False
+    pam_service: str = 'xos-sshd'
+    pam_confdir: Path | None = None
+    rlimits: tuple[tuple[str, int, int], ...] = (('nofile', 1024, 524288),)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """The ``[metrics]`` table: the optional Prometheus endpoint."""
+    """The ``[metrics]`` table: the optional Prometheus endpoint (:mod:`xos_sshd.metrics`).
+
+    ``listen``: the loopback address it serves ``/metrics`` on; ``None`` (no table, or no
+    key) means no endpoint.  Only loopback addresses are accepted: the counters tell who logs
+    in how often and from which VO, so a remote Prometheus reaches them through a proxy or a
+    tunnel the admin secures.  ``refresh_seconds``: how often the gauges read from the store
+    (mappings per VO, jobs per state) are refreshed; they are also refreshed right after a
+    mapping or job event.
+    """
+
+    listen: ListenAddress | None = None
+    refresh_seconds: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -207,26 +267,151 @@ def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 # --- [limits] ---------------------------------------------------------------------------
 
+#: key -> (kind, lowest, highest) of the plain numeric ``[limits]`` keys.
+_LIMITS_NUMBERS: dict[str, tuple[Any, float, float]] = {
+    'max_startups_per_source': (int, 0, 100_000),
+    'penalty_authfail': ((int, float), 0, 86_400),
+    'penalty_noauth': ((int, float), 0, 86_400),
+    'penalty_grace_exceeded': ((int, float), 0, 86_400),
+    'penalty_min': ((int, float), 0, 86_400),
+    'penalty_max': ((int, float), 1, 7 * 86_400),
+    'max_sessions_per_connection': (int, 1, 10_000),
+    'max_sessions_per_account': (int, 0, 1_000_000),
+    'max_jobs_per_account': (int, 0, 100_000),
+    'revocation_check_seconds': ((int, float), 0.1, 300),
+    'keepalive_seconds': ((int, float), 0, 3600),
+    'keepalive_count_max': (int, 1, 100),
+}
+_LIMITS_KEYS = set(_LIMITS_NUMBERS) | {'max_startups', 'penalties', 'penalty_exempt'}
+
+
 def _limits_config(table: Mapping[str, Any]) -> LimitsConfig:
-    """The optional ``[limits]`` table."""
-    _no_unknown_keys(table, set(), 'limits.')
-    return LimitsConfig()
+    """The optional ``[limits]`` table; every key has a safe default (:class:`LimitsConfig`)."""
+    _no_unknown_keys(table, _LIMITS_KEYS, 'limits.')
+    defaults = LimitsConfig()
+    values: dict[str, Any] = {}
+    for key, (kind, low, high) in _LIMITS_NUMBERS.items():
+        value = _typed(table, key, kind, getattr(defaults, key), 'limits')
+        if not low <= value <= high:
+            raise ConfigError(f'limits.{key}', f'must be between {low} and {high}')
+        values[key] = float(value) if kind != int else value
+    if values['penalty_max'] < values['penalty_min']:
+        raise ConfigError('limits.penalty_max', 'must not be less than limits.penalty_min')
+    return LimitsConfig(
+        max_startups=parse_max_startups(table.get('max_startups', defaults.max_startups)),
+        penalties=_typed(table, 'penalties', bool, True, 'limits'),
+        penalty_exempt=tuple(_network(text, 'limits.penalty_exempt')
+                             for text in _str_list(table, 'penalty_exempt', [], 'limits')),
+        **values)
+
+
+def parse_max_startups(value: Any, key: str = 'limits.max_startups') -> tuple[int, int, int]:
+    """``"start:rate:full"`` (OpenSSH ``MaxStartups``), or one number N (= ``"N:100:N"``: a
+    hard limit) -> ``(start, rate, full)``; ``ConfigError`` naming *key* otherwise."""
+    if isinstance(value, tuple):
+        parts: list[Any] = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value, 100, value]
+    elif isinstance(value, str) and re.fullmatch(r'\d{1,7}(:\d{1,3}:\d{1,7})?', value.strip()):
+        numbers = [int(p) for p in value.strip().split(':')]
+        parts = numbers if len(numbers) == 3 else [numbers[0], 100, numbers[0]]
+    else:
+        raise ConfigError(key, f'expected "start:rate:full" (e.g. "10:30:100") or a number, '
+                          f'got {value!r}')
+    start, rate, full = parts
+    if not 1 <= start <= full <= 1_000_000:
+        raise ConfigError(key, f'needs 1 <= start <= full (got start {start}, full {full})')
+    if not 0 <= rate <= 100:
+        raise ConfigError(key, f'rate is a percentage (0..100), got {rate}')
+    return (start, rate, full)
+
+
+def _network(text: str, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """One network (``10.0.0.0/8``, ``2001:db8::/32``, or one address) of a list."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(key, f'{text!r} is not a network (e.g. "10.0.0.0/8" or '
+                          f'"2001:db8::/32")') from None
 
 
 # --- [session] --------------------------------------------------------------------------
 
+#: ``[session] rlimits`` keys: limits.conf's names of the setrlimit(2) resources.
+RLIMIT_NAMES = ('as', 'core', 'cpu', 'data', 'fsize', 'locks', 'memlock', 'msgqueue', 'nice',
+                'nofile', 'nproc', 'rss', 'rtprio', 'rttime', 'sigpending', 'stack')
+UNLIMITED = -1  # resource.RLIM_INFINITY as Python's resource module spells it on Linux
+_SESSION_KEYS = {'pam', 'pam_service', 'pam_confdir', 'rlimits'}
+_RLIMIT_MAX = 2 ** 63 - 1
+
+
 def _session_config(table: Mapping[str, Any]) -> SessionConfig:
-    """The optional ``[session]`` table."""
-    _no_unknown_keys(table, set(), 'session.')
-    return SessionConfig()
+    """The optional ``[session]`` table (:class:`SessionConfig`)."""
+    _no_unknown_keys(table, _SESSION_KEYS, 'session.')
+    service = _typed(table, 'pam_service', str, 'xos-sshd', 'session')
+    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]{0,63}', service):
+        raise ConfigError('session.pam_service', 'must be a PAM service name, a file name in '
+                          '/etc/pam.d ([A-Za-z0-9._+-], at most 64 characters)')
+    confdir = _path(table, 'pam_confdir', None, 'session') if 'pam_confdir' in table else None
+    rlimits = SessionConfig.rlimits
+    if 'rlimits' in table:
+        raw = table['rlimits']
+        if not isinstance(raw, dict):
+            raise ConfigError('session.rlimits', 'must be a table, e.g. '
+                              '{ nofile = [1024, 524288], core = 0 }')
+        _no_unknown_keys(raw, set(RLIMIT_NAMES), 'session.rlimits.')
+        rlimits = tuple(_rlimit(name, raw[name]) for name in sorted(raw))
+    return SessionConfig(pam=_typed(table, 'pam', bool, False, 'session'), pam_service=service,
+                         pam_confdir=confdir, rlimits=rlimits)
+
+
+def _rlimit(name: str, value: Any) -> tuple[str, int, int]:
+    """One limit: N or "unlimited" (soft = hard), or [soft, hard]; soft never above hard."""
+    key = f'session.rlimits.{name}'
+
+    def one(v: Any) -> int:
+        if v in ('unlimited', 'infinity'):
+            return UNLIMITED
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _RLIMIT_MAX:
+            return v
+        raise ConfigError(key, f'expected a non-negative integer, "unlimited" or [soft, hard], '
+                          f'got {v!r}')
+
+    if isinstance(value, list):
+        if len(value) != 2:
+            raise ConfigError(key, f'expected [soft, hard], got {len(value)} values')
+        soft, hard = one(value[0]), one(value[1])
+    else:
+        soft = hard = one(value)
+    if hard != UNLIMITED and (soft == UNLIMITED or soft > hard):
+        raise ConfigError(key, f'the soft limit {value[0]!r} is above the hard limit {value[1]!r}')
+    return (name, soft, hard)
 
 
 # --- [metrics] --------------------------------------------------------------------------
 
+_METRICS_KEYS = {'listen', 'refresh_seconds'}
+
+
 def _metrics_config(table: Mapping[str, Any]) -> MetricsConfig:
-    """The optional ``[metrics]`` table."""
-    _no_unknown_keys(table, set(), 'metrics.')
-    return MetricsConfig()
+    """The optional ``[metrics]`` table: ``listen = "127.0.0.1:9622"``, loopback only."""
+    _no_unknown_keys(table, _METRICS_KEYS, 'metrics.')
+    refresh = _typed(table, 'refresh_seconds', (int, float), 15.0, 'metrics')
+    if not 1 <= refresh <= 3600:
+        raise ConfigError('metrics.refresh_seconds', 'must be between 1 and 3600')
+    text = _typed(table, 'listen', str, None, 'metrics')
+    if text is None:
+        return MetricsConfig(refresh_seconds=float(refresh))
+    try:
+        address = _listen_address(text)
+    except ConfigError as exc:
+        raise ConfigError('metrics.listen', str(exc).removeprefix('listen: ')) from None
+    host = '127.0.0.1' if address.host == 'localhost' else address.host
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError('metrics.listen', f'{text!r} is not a loopback address: the metrics '
+                          'tell who logs in; serve them on 127.0.0.1 or [::1] and let a proxy '
+                          'or tunnel you secure reach them')
+    return MetricsConfig(listen=ListenAddress(host, address.port), refresh_seconds=float(refresh))
 
 
 def _images_config(table: Any) -> ImagesConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import stat
 import subprocess
 import time
@@ -194,6 +195,80 @@ def check_pam() -> Iterable[Finding]:
         yield _ok('PAM stack', f'{PAM_MODULE} used by {", ".join(users)}')
 
 
+def check_pam_session(config: Config) -> Iterable[Finding]:
+    """``[session] pam``: libpam loads, the service file is there, safe, and its modules
+    exist, and PAM modules can look the mapped accounts up (one line)."""
+    check, session = 'PAM session', config.session
+    if not session.pam:
+        yield _ok(check, 'off ([session] pam = false): sessions get the [session] rlimits')
+        return
+    from .session import pamlib
+    from .session.pamsession import unsafe_path
+    try:
+        pamlib.load()
+    except OSError as exc:
+        yield Finding('fail', check, f'cannot load {pamlib.LIBPAM}: {exc}',
+                      'apt-get install libpam0g libpam-modules')
+        return
+    path = (session.pam_confdir or Path('/etc/pam.d')) / session.pam_service
+    if session.pam_confdir is not None and not pamlib.has_confdir():
+        yield Finding('fail', check, 'this libpam has no pam_start_confdir (Linux-PAM < 1.4)',
+                      f'remove session.pam_confdir and install the stack as /etc/pam.d/'
+                      f'{session.pam_service}')
+        return
+    if not path.is_file():
+        yield Finding('fail', check, f'{path} is missing: every session would be refused',
+                      f'install -m 644 deploy/pam.d/xos-sshd {path}')
+        return
+    problem = unsafe_path(str(path)) or (
+        unsafe_path(str(path.parent)) if session.pam_confdir is not None else None)
+    if problem:
+        yield Finding('fail', check, f'{problem}: sessions are refused',
+                      f'chown root:root {path}; chmod 644 {path}')
+        return
+    missing = _missing_pam_modules(path)
+    required = [m for m, needed in missing if needed]
+    if required:
+        yield Finding('fail', check, f'{path} needs modules that are not installed: '
+                      f'{", ".join(required)}', 'install them (libpam-modules, libpam-systemd) '
+                      'or remove their lines')
+        return
+    try:
+        nss = Path('/etc/nsswitch.conf').read_text().splitlines()
+    except OSError:
+        nss = []
+    passwd = next((l for l in nss if l.split(':')[0].strip() == 'passwd'), '')
+    if 'xos' not in passwd.split(':', 1)[-1].split():
+        yield Finding('fail', check, 'PAM modules look accounts up by name, but nsswitch.conf '
+                      f'"{passwd.strip() or "passwd: (missing)"}" does not name xos',
+                      'edit /etc/nsswitch.conf: "passwd: files xos", "group: files xos"')
+    elif missing:
+        yield Finding('warn', check, f'{path}: optional modules not installed: '
+                      f'{", ".join(m for m, _ in missing)}', 'install them or remove their lines')
+    else:
+        yield _ok(check, f'service {session.pam_service} ({path}), modules present')
+
+
+def _missing_pam_modules(path: Path) -> list[tuple[str, bool]]:
+    """The modules *path* names that are not installed: (module, whether its control
+    makes it needed: required, requisite or [...])."""
+    dirs = [Path(d) / 'security' for d in _library_dirs()] + [Path('/usr/lib/security')]
+    missing = []
+    for line in path.read_text(errors='replace').splitlines():
+        m = re.match(r'\s*(-?)(auth|account|session|password)\s+(\[[^\]]*\]|\S+)\s+(\S+)',
+                     line.split('#', 1)[0])
+        if not m or m.group(3) in ('include', 'substack'):
+            continue
+        module = m.group(4)
+        found = (Path(module).is_file() if module.startswith('/')
+                 else any((d / module).is_file() for d in dirs))
+        if not found:
+            needed = not m.group(1) and (m.group(3) in ('required', 'requisite')
+                                         or m.group(3).startswith('['))
+            missing.append((module, needed))
+    return missing
+
+
 def check_criu(config: Config) -> Iterable[Finding]:
     """CRIU present, new enough, and ``criu check`` passing; what migration can use."""
     from .cr import criu
@@ -206,6 +281,19 @@ def check_criu(config: Config) -> Iterable[Finding]:
         return
     features = ', '.join(f'{k}={"yes" if v else "no"}' for k, v in sorted(info.features.items()))
     yield _ok('CRIU', f'{info.path} {info.version_text}: criu check passed; {features}')
+    # The mode xos-cr migrate gets with a node like this one (cr/migcaps.py: sysctls too).
+    from .cr.migcaps import doctor_finding, read_sysctls
+    level, detail, fix = doctor_finding(info.features, read_sysctls())
+    yield Finding(level, 'migration', detail, fix)
+
+
+def check_metrics(config: Config) -> Iterable[Finding]:
+    """Where the Prometheus endpoint is, when ``[metrics] listen`` is set (one line)."""
+    listen = getattr(getattr(config, 'metrics', None), 'listen', None)
+    if listen is not None:
+        host = f'[{listen.host}]' if ':' in listen.host else listen.host
+        yield _ok('metrics', f'Prometheus endpoint http://{host}:{listen.port}/metrics '
+                  '(loopback only)')
 
 
 def _library_dirs() -> list[str]:
@@ -219,7 +307,9 @@ CHECKS: list[Callable[[Config, datetime], Iterable[Finding]]] = [
     lambda c, now: check_permissions(c),
     lambda c, now: check_nss(c),
     lambda c, now: check_pam(),
+    lambda c, now: check_pam_session(c),
     lambda c, now: check_criu(c),
+    lambda c, now: check_metrics(c),
 ]
 
 

@@ -7,6 +7,11 @@ AMS calls); asyncssh creates one :class:`ConnectionHandler` per TCP connection. 
 succeeds only when the certificate verifies, the key proves possession, the login name is
 the VO user name or the account it maps to, and the AMS maps it; every attempt leaves one
 audit line.
+
+Before authentication a connection must pass :class:`~xos_sshd.admission.Admission`
+(``MaxStartups``, per-source limits, penalties); once authenticated it is registered in
+:class:`~xos_sshd.liveconn.LiveConnections` (sessions per account, revocation and bans end
+it) until it ends.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import asyncssh
 
+from .admission import Admission, AdmissionRefused, Ticket
 from .ams import AMS, LocalAccount, MappingRefused
 from .audit import AuditLog
 from .auth import sshhook
@@ -25,12 +32,15 @@ from .auth.errors import AuthRefused
 from .auth.verifier import Verifier
 from .config import Config
 from .control import ControlServer, control_ops, cr_ops
+from .liveconn import LiveConnection, LiveConnections, RevocationWatch
+from .metrics import MetricsEndpoint
 from .session.channel import SessionContext, UserSession
 from .session.home import HomeError, archive_home, ensure_home
 
 log = logging.getLogger(__name__)
 
 # Algorithms as OpenSSH 9 offers them; asyncssh's defaults already exclude the weak ones.
+# The keepalives are overridden by ``[limits] keepalive_seconds``/``keepalive_count_max``.
 SERVER_OPTIONS: dict[str, Any] = dict(
     password_auth=False, kbdint_auth=False, host_based_auth=False, gss_host=None,
     x11_forwarding=False, line_editor=False, encoding=None, allow_scp=False,
@@ -54,9 +64,18 @@ class Gateway:
         #: Checkpoint/restart (:mod:`xos_sshd.cr.runtime`): set by :meth:`open`.
         self.cr: Any = None
         self.cr_runtime: Any = None
+        #: The Prometheus endpoint (:mod:`xos_sshd.metrics`) when ``[metrics] listen`` is set.
+        self.metrics: MetricsEndpoint | None = None
         #: The users' socket: same server code, only ``cr.*`` ops (docs/internals.md).
         self.cr_server = ControlServer(config.cr_socket, cr_ops(), self, mode=0o666,
                                        max_fds=1, name='cr')
+        #: Admission before authentication (``[limits]``: max_startups, penalties).
+        self.admission = Admission(config.limits, audit)
+        #: The live authenticated connections, and the sweep that ends revoked ones.
+        self.live = LiveConnections(audit)
+        self.revocation = RevocationWatch(self.live, verifier.revocation_status,
+                                          config.limits.revocation_check_seconds,
+                                          on_sweep=self.admission.prune)
 
     @classmethod
     async def open(cls, config: Config, verifier: Verifier,
@@ -65,16 +84,27 @@ class Gateway:
         (no SSH port listens yet)."""
         from .cr.runtime import CRRuntime
         config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        ams = await AMS.open(config.ams_db, config.policies, config.nss_dir)
-        gateway = cls(config, verifier, host_keys, ams, AuditLog(config.audit_log))
+        audit = AuditLog(config.audit_log)
+        try:  # every committed mapping change becomes one audit event (and metric)
+            ams = await AMS.open(config.ams_db, config.policies, config.nss_dir,
+                                 on_event=audit.write)
+        except BaseException:
+            audit.close()
+            raise
+        gateway = cls(config, verifier, host_keys, ams, audit)
         try:
             await gateway.control.start()
             gateway.cr_runtime = await CRRuntime.open(config, ams, gateway.audit,
                                                       cr_socket=str(gateway.cr_server.path))
             gateway.cr = gateway.cr_runtime.service
+            gateway.cr.max_jobs = config.limits.max_jobs_per_account
             await gateway.cr_server.start()
             gateway.cr_runtime.start()
+            gateway.metrics = await MetricsEndpoint.start(config, gateway.audit, ams,
+                                                          gateway.cr.jobs)
         except BaseException:
+            if gateway.metrics is not None:
+                await gateway.metrics.close()
             await gateway.cr_server.close()
             await gateway.control.close()
             if gateway.cr_runtime is not None:
@@ -87,18 +117,34 @@ class Gateway:
     async def listen(self) -> list[tuple[str, int]]:
         """Start listening on every configured address; return the bound (host, port)s."""
         bound = []
+        limits = self.config.limits
+        options = {**SERVER_OPTIONS, 'keepalive_interval': limits.keepalive_seconds,
+                   'keepalive_count_max': limits.keepalive_count_max}
         for address in self.config.listen:
             server = await asyncssh.create_server(
                 lambda: ConnectionHandler(self), address.host, address.port,
                 server_host_keys=self.host_keys, reuse_address=True,
                 login_timeout=self.config.login_grace_seconds,
                 agent_forwarding=self.config.allow_agent_forwarding,
-                **SERVER_OPTIONS)
+                **options)
             self._servers.append(server)
             for sock in server.sockets:
                 bound.append(sock.getsockname()[:2])
         self._reclaimer = asyncio.create_task(self._reclaim_loop())
+        self.revocation.start()
         return bound
+
+    def check_revocations(self) -> None:
+        """Check the live connections against the CRLs now (after SIGHUP re-read them)."""
+        self.revocation.trigger()
+
+    def account_banned(self, name: str) -> int:
+        """``admin.ban`` banned *name*: close its live connections now; return how many."""
+        return self.live.banned(name)
+
+    def account_unbanned(self, name: str) -> None:
+        """``admin.unban``: logins of *name* may stay connected again."""
+        self.live.unbanned(name)
 
     async def _reclaim_loop(self) -> None:
         """Free expired leases of idle accounts, now and then (design.md: leases)."""
@@ -114,9 +160,8 @@ class Gateway:
         homes = {r.account.name: r.account.home for r in await self.ams.list_mappings()
                  if r.kind != 'static'}
         busy = await asyncio.to_thread(running_uids)
-        freed = await self.ams.reclaim_expired(lambda uid: uid not in busy)
+        freed = await self.ams.reclaim_expired(lambda uid: uid not in busy)  # audited by the AMS
         for name in freed:
-            self.audit.write('mapping', action='reclaimed', account=name)
             if name in homes:
                 try:
                     await asyncio.to_thread(archive_home, homes[name])
@@ -183,6 +228,7 @@ class Gateway:
         """Stop listening, close live connections, then the store and the log."""
         if self._reclaimer is not None:
             self._reclaimer.cancel()
+        await self.revocation.close()
         await self.cr_server.close()
         await self.control.close()
         if self.cr_runtime is not None:
@@ -191,6 +237,8 @@ class Gateway:
             server.close()
             await server.wait_closed()
         self._servers.clear()
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.ams.close()
         self.audit.close()
 
@@ -203,8 +251,17 @@ class LoginRefused(Exception):
         self.reason = reason
 
 
+class SessionRefused(asyncssh.ChannelOpenError):
+    """A session channel refused by a ``[limits]`` cap; the client sees ``message``
+    ("open failed: administratively prohibited: ...")."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
+        self.reason_code = reason
+
+
 class ConnectionHandler(asyncssh.SSHServer):
-    """asyncssh's per-connection callbacks: authentication, then sessions."""
+    """asyncssh's per-connection callbacks: admission, authentication, then sessions."""
 
     def __init__(self, gateway: Gateway):
         self._gateway = gateway
@@ -212,12 +269,50 @@ class ConnectionHandler(asyncssh.SSHServer):
         self._peer = ('', 0)
         self._identity = None
         self._account: LocalAccount | None = None
+        self._route = ''
+        #: Admitted and not authenticated yet (handed back to admission exactly once).
+        self._ticket: Ticket | None = None
+        self._started = time.monotonic()
+        self._auth_failed = False
+        self._live: LiveConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info('peername') or ('', 0)
         self._peer = (str(peer[0]), int(peer[1]))
+        try:
+            self._ticket = self._gateway.admission.admit(self._peer[0])
+        except AdmissionRefused:
+            # asyncssh sends its version line right after this returns: aborting here closes
+            # the socket before a byte of SSH was sent (as sshd does past MaxStartups).
+            conn.abort()
+            return
         sshhook.install(conn, self, self._gateway.check_certificate)
+
+    def auth_completed(self) -> None:
+        self._end_startup('authenticated')
+        if self._identity is None or self._account is None or self._conn is None:
+            return
+        self._live = LiveConnection(self._identity, self._account,
+                                    f'{self._peer[0]}:{self._peer[1]}', self._route, self._conn)
+        self._gateway.live.add(self._live)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ticket is not None:
+            grace = self._gateway.config.login_grace_seconds
+            if 'login timeout' in str(exc).lower() or time.monotonic() - self._started >= grace:
+                log.info('connection from %s:%d closed: not authenticated within '
+                         'login_grace_seconds (%g s)', *self._peer, grace)
+                self._end_startup('grace-exceeded')
+            else:
+                self._end_startup('authfail' if self._auth_failed else 'noauth')
+        if self._live is not None:
+            self._gateway.live.remove(self._live)
+
+    def _end_startup(self, outcome: str) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            self._gateway.admission.finished(ticket, outcome)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -228,6 +323,7 @@ class ConnectionHandler(asyncssh.SSHServer):
     # --- sshhook.LoginPolicy ------------------------------------------------------------
 
     def certificate_refused(self, username: str, exc: AuthRefused) -> None:
+        self._auth_failed = True
         self._audit_login(username, None, 'refused', exc.reason, str(exc))
 
     async def accept_login(self, username: str, check: sshhook.CertificateCheck) -> bool:
@@ -235,9 +331,10 @@ class ConnectionHandler(asyncssh.SSHServer):
         try:
             account = await self._authorize(username, identity)
         except (LoginRefused, MappingRefused) as exc:
+            self._auth_failed = True
             self._audit_login(username, check, 'refused', exc.reason, str(exc))
             return False
-        self._identity, self._account = identity, account
+        self._identity, self._account, self._route = identity, account, check.route
         self._audit_login(username, check, 'accepted', 'ok', '', account)
         return True
 
@@ -256,14 +353,55 @@ class ConnectionHandler(asyncssh.SSHServer):
 
     # --- after authentication -------------------------------------------------------------
 
-    def session_requested(self) -> UserSession | bool:
-        if self._account is None or self._identity is None:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], UserSession] | bool:
+        if (self._account is None or self._identity is None or self._live is None
+                or self._conn is None):
             return False
+        self._check_session_limits(self._live)
         runtime = self._gateway.cr_runtime
-        return UserSession(SessionContext(
-            self._identity, self._account, self._peer[0],
+        session = UserSession(SessionContext(
+            self._identity, self._account, self._peer[0], on_close=self._session_closed,
             subsystems=runtime.subsystems(f'{self._peer[0]}:{self._peer[1]}') if runtime else None,
-            env_extra={'XOS_CR_SOCKET': str(self._gateway.cr_server.path)}))
+            env_extra={'XOS_CR_SOCKET': str(self._gateway.cr_server.path)},
+            on_event=self._gateway.audit.write, source=f'{self._peer[0]}:{self._peer[1]}',
+            session=self._gateway.config.session))
+        # The channel made here (as asyncssh would) is kept with the session: counted for
+        # the limits, and told why when the gateway ends the connection (liveconn).
+        # 256 KiB packets (asyncssh's default is 32 KiB): a migration stream (cr/pagestream.py)
+        # relayed by xos-cr runs ~2x faster; the window (how much a client may send unread)
+        # stays asyncssh's default.
+        chan: asyncssh.SSHServerChannel[bytes] = self._conn.create_server_channel(
+            max_pktsize=256 << 10)
+        self._live.channels[session] = chan
+        return chan, session
+
+    def _session_closed(self, session: UserSession) -> None:
+        if self._live is not None:
+            self._live.channels.pop(session, None)
+
+    def _check_session_limits(self, live: LiveConnection) -> None:
+        """Refuse a new session channel over ``max_sessions_per_connection`` (OpenSSH
+        MaxSessions) or ``max_sessions_per_account`` (across connections): audited, logged,
+        and the client is told which limit."""
+        limits = self._gateway.config.limits
+        account = live.account.name
+        per_account = self._gateway.live.sessions_of(account)
+        if live.sessions >= limits.max_sessions_per_connection:
+            refusal = SessionRefused('too-many-sessions', (
+                f'{live.sessions} sessions open on this connection already '
+                f'(max_sessions_per_connection = {limits.max_sessions_per_connection})'))
+        elif limits.max_sessions_per_account and per_account >= limits.max_sessions_per_account:
+            refusal = SessionRefused('too-many-sessions', (
+                f'{account} has {per_account} sessions open already '
+                f'(max_sessions_per_account = {limits.max_sessions_per_account})'))
+        else:
+            return
+        self._gateway.audit.write(
+            'session', action='open', outcome='refused', reason=refusal.reason_code,
+            message=refusal.reason, route='ssh', source=live.source, vo=live.identity.vo,
+            user=live.identity.user, account=account, uid=live.account.uid)
+        log.warning('refused a session of %s from %s: %s', account, live.source, refusal.reason)
+        raise refusal
 
     def connection_requested(self, dest_host: str, dest_port: int,
                              orig_host: str, orig_port: int) -> bool:

@@ -138,6 +138,9 @@ async def _serve(config: Config, verifier: Verifier, host_keys: list[asyncssh.SS
 
 
 def _reload(gateway) -> None:
+    """SIGHUP: re-read CAs and CRLs, reopen the audit log, then check the live connections
+    against the CRLs at once (a revoked certificate's connections end now, not at the next
+    periodic check)."""
     try:
         gateway.verifier.reload()
     except TrustConfigError as exc:
@@ -145,6 +148,7 @@ def _reload(gateway) -> None:
     else:
         log.info('reloaded CAs and CRLs')
     gateway.audit.reopen()
+    gateway.check_revocations()
 
 
 if __name__ == '__main__':

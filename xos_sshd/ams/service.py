@@ -7,6 +7,14 @@ reclaim, ban) the tables are rewritten, off the event loop and serialised.
 A renewal of a live mapping (the login hot path) is one short transaction
 and never touches the tables.
 
+Each committed change is reported once through the optional ``on_event``
+callback (``on_event('mapping', action=..., account=..., ...)``, the
+signature of :meth:`xos_sshd.audit.AuditLog.write`): ``created``,
+``renewed``, ``released``, ``reclaimed``, ``banned``, ``unbanned``,
+``pinned``, ``unpinned`` (docs/internals.md, "Audit events").  Events are
+emitted after the commit, never for a rolled-back change, whoever caused it
+(a login, PAM, an admin, the reclaimer).
+
 The public coroutines that change state are shielded from cancellation: a
 client that disconnects mid-login must not leave a committed mapping
 without its NSS tables (nor a transaction half-way on the connection).
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 IsIdle = Callable[[int], bool]
+#: ``on_event(event, **fields)``: :meth:`xos_sshd.audit.AuditLog.write` fits.
+OnEvent = Callable[..., None]
 
 
 class UnknownMapping(LookupError):
@@ -102,7 +112,7 @@ class AMS:
 
     def __init__(self, store: Store, policies: Mapping[str, VOPolicy], nss_dir: str, *,
                  passwd_path: str, group_path: str, clock: Callable[[], float],
-                 is_idle: IsIdle | None) -> None:
+                 is_idle: IsIdle | None, on_event: OnEvent | None = None) -> None:
         self._store = store
         self.policies = dict(policies)
         self.nss_dir = nss_dir
@@ -116,6 +126,8 @@ class AMS:
         self._nss_done = 0
         #: How many times this instance rewrote the NSS tables (for tests and metrics).
         self.nss_rewrites = 0
+        #: Told of every committed mapping change (the audit log); may be set after open.
+        self.on_event = on_event
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -123,18 +135,20 @@ class AMS:
     async def open(cls, db_path: str | os.PathLike[str], policies: Mapping[str, VOPolicy],
                    nss_dir: str | os.PathLike[str], *, passwd_path: str = PASSWD_PATH,
                    group_path: str = GROUP_PATH, busy_timeout: float = 30.0,
-                   clock: Callable[[], float] = time.time, is_idle: IsIdle | None = None) -> "AMS":
+                   clock: Callable[[], float] = time.time, is_idle: IsIdle | None = None,
+                   on_event: OnEvent | None = None) -> "AMS":
         """Validate the policies' ranges, open/migrate the store, and bring the NSS tables up to date.
 
         ``is_idle(uid)``, when given, lets a login that finds its pool
         exhausted reclaim expired, idle pool leases on the spot.
-        ``clock`` (epoch seconds) is for tests.  Raises
+        ``on_event`` is told of each committed mapping change (module
+        docstring).  ``clock`` (epoch seconds) is for tests.  Raises
         :class:`~xos_sshd.ams.model.RangeError` for bad ranges.
         """
         validate_policies(policies, passwd_path, group_path)
         store = await Store.open(os.fspath(db_path), busy_timeout=busy_timeout)
         ams = cls(store, policies, os.fspath(nss_dir), passwd_path=passwd_path, group_path=group_path,
-                  clock=clock, is_idle=is_idle)
+                  clock=clock, is_idle=is_idle, on_event=on_event)
         try:
             # After a crash between a commit and its rewrite the tables lag: catch up now.
             await ams._sync_nss(clean=True)
@@ -196,6 +210,7 @@ class AMS:
         changed = False
         refuse: MappingRefused | None = None
         account: LocalAccount | None = None
+        events: list[tuple[str, sqlite3.Row, str]] = []
         async with self._store.write() as txn:
             row = await txn.one("SELECT * FROM mappings WHERE vo = ? AND vo_user = ? AND role = ?", key)
             if row is not None and row["banned"]:
@@ -206,6 +221,7 @@ class AMS:
                 # The static table no longer says this: the old mapping goes
                 # (static accounts are not in the NSS tables: nothing to rewrite).
                 await self._delete(txn, ctx, row, "static table changed")
+                events.append(("released", row, "static table changed"))
                 row = None
             if row is not None:
                 if row["kind"] == "static":
@@ -218,6 +234,7 @@ class AMS:
                     (ctx.now, ctx.now + pol.lease_seconds, row["id"]),
                 )
                 account = _account(row, groups)
+                events.append(("renewed", row, ""))
             elif static_err is not None:
                 refuse = static_err
             else:
@@ -228,11 +245,15 @@ class AMS:
                     mid = await P.create_static(txn, ctx, pol, identity, static_pw)
                 new = await txn.one("SELECT * FROM mappings WHERE id = ?", (mid,))
                 assert new is not None
+                events.append(("created", new, ""))
                 groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, mid))
                 account = _account(new, groups)
                 changed = changed or pol.kind != "static"
         if changed or self._nss_want > self._nss_done:
             await self._sync_nss()
+        for action, ev_row, detail in events:  # committed: now they happened
+            self._emit(action, ev_row, detail=detail,
+                       lease_expires=None if action == "released" else ctx.now + pol.lease_seconds)
         if refuse is not None:
             raise refuse
         assert account is not None
@@ -344,6 +365,8 @@ class AMS:
                 await txn.execute("UPDATE mappings SET last_seen = ?, lease_expires = ? WHERE id = ?",
                                   (now, now + pol.lease_seconds, row["id"]))
             groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, row["id"]))
+        if pol is not None:
+            self._emit("renewed", row, lease_expires=now + pol.lease_seconds)
         if row["kind"] == "static":
             groups = _static_groups(row["name"], row["gid"])
         return _account(row, groups)
@@ -375,6 +398,7 @@ class AMS:
         if not idle:
             return []
         freed: list[str] = []
+        rows: list[sqlite3.Row] = []
         ctx = self._ctx()
         async with self._store.write() as txn:
             for cand in idle:
@@ -386,8 +410,11 @@ class AMS:
                 if row is not None:
                     await self._delete(txn, ctx, row, "lease expired, account idle")
                     freed.append(row["name"])
+                    rows.append(row)
         if freed:
             await self._sync_nss()
+        for row in rows:
+            self._emit("reclaimed", row, detail="lease expired, account idle")
         return freed
 
     @staticmethod
@@ -417,6 +444,7 @@ class AMS:
     async def _admin(self, name: str, action: str) -> None:
         ctx = self._ctx()
         nss = False
+        happened = ""
         async with self._store.write() as txn:
             row = await txn.one("SELECT * FROM mappings WHERE name = ?", (name,))
             if row is None:
@@ -425,19 +453,47 @@ class AMS:
             if action == "release":
                 await self._delete(txn, ctx, row, "released by admin")
                 nss = row["kind"] != "static"
+                happened = "released"
             elif action in ("ban", "unban"):
                 flag = 1 if action == "ban" else 0
                 if row["banned"] != flag:
                     await txn.execute("UPDATE mappings SET banned = ? WHERE id = ?", (flag, row["id"]))
                     await P.record_history(txn, ctx.now, f"{action}ned", *hist)
                     nss = row["kind"] != "static"
+                    happened = f"{action}ned"
             else:
                 flag = 1 if action == "pin" else 0
                 if row["pinned"] != flag:
                     await txn.execute("UPDATE mappings SET pinned = ? WHERE id = ?", (flag, row["id"]))
                     await P.record_history(txn, ctx.now, f"{action}ned", *hist)
+                    happened = f"{action}ned"
         if nss:
             await self._sync_nss()
+        if happened:
+            self._emit(happened, row, detail="released by admin" if action == "release" else "")
+
+    def _emit(self, action: str, row: sqlite3.Row, *, detail: str = "",
+              lease_expires: float | None = None) -> None:
+        """Report one committed change of *row*'s mapping to ``on_event`` (never raises)."""
+        if self.on_event is None:
+            return
+        fields: dict[str, Any] = dict(
+            action=action, outcome="ok", account=row["name"], uid=row["uid"], vo=row["vo"],
+            user=row["vo_user"], role=row["role"] or None, kind=row["kind"])
+        if lease_expires is not None:
+            fields["lease_expires"] = _dt(lease_expires).isoformat(timespec="seconds")
+        if detail:
+            fields["detail"] = detail
+        try:
+            self.on_event("mapping", **fields)
+        except Exception:  # the change is committed; reporting it must not undo a login
+            log.exception("could not report mapping event %s of %s", action, row["name"])
+
+    async def count_mappings(self) -> dict[tuple[str, str], int]:
+        """How many mappings each (VO, policy kind) holds now, banned ones included (metrics)."""
+        async with self._store.read() as txn:
+            rows = await txn.all("SELECT vo, kind, COUNT(*) FROM mappings GROUP BY vo, kind", ())
+        return {(r[0], r[1]): int(r[2]) for r in rows}
 
     async def get_mapping(self, name: str) -> MappingRecord | None:
         """The mapping of account ``name``, or ``None``."""

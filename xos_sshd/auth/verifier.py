@@ -84,6 +84,16 @@ class VOTrust:
     crl_required: bool = True
 
 
+@dataclass(frozen=True)
+class RevocationStatus:
+    """The answer of :meth:`Verifier.revocation_status`: ``revoked`` only when a CRL says
+    so; ``known`` is False when no usable CRL could answer (``message`` says why)."""
+
+    revoked: bool
+    known: bool
+    message: str
+
+
 def _file_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -155,6 +165,17 @@ class _CRL:
     def invalidate(self) -> None:
         """Forget the file identity so the next check re-reads (and re-verifies) the CRL."""
         self._key = None
+
+    def lookup(self, serial: int) -> tuple[bool, str | None]:
+        """(whether the last good CRL lists *serial*, why the CRL file is unusable now or None).
+
+        Reads the file exactly as :meth:`check` does (re-read when it changed); a CRL that
+        became unusable keeps the revocations of the last good one.
+        """
+        if self.path is None:
+            return False, None
+        self._refresh()
+        return serial in self._revoked, self._error
 
     def check(self, serial: int, now: datetime) -> None:
         """Refuse a revoked serial; refuse everything when the CRL is required and unusable."""
@@ -469,6 +490,32 @@ class Verifier:
             issuer=ca.subject,
             key_fingerprint=ssh_fingerprint(cert.key_blob),
         )
+
+    # --- live connections ------------------------------------------------------------------
+
+    def revocation_status(self, vo: str, issuer: str, serial: int) -> RevocationStatus:
+        """Whether the certificate *serial* that the CA named *issuer* (``VOIdentity.issuer``)
+        issued for *vo* is revoked now, for connections that logged in earlier.
+
+        The same CRL code path as a login (a changed CRL file is re-read and re-verified).
+        Only a positive answer says ``revoked``: a CRL that is missing, unreadable or badly
+        signed, or a CA no longer usable, gives ``known=False`` (the revocations of the last
+        good CRL still count); a stale CRL (past nextUpdate) still answers with its list.
+        """
+        self._refresh()
+        cas = [ca for ca in self._cas if ca.vo == vo and ca.subject == issuer and ca.error is None]
+        if not cas:
+            return RevocationStatus(False, False, f"no usable CA {issuer} for VO {vo}")
+        problems = []
+        for ca in cas:
+            revoked, error = ca.crl.lookup(serial)
+            if revoked:
+                return RevocationStatus(True, True, f"certificate serial {serial} is revoked by the CA of VO {vo}")
+            if error is not None:
+                problems.append(error)
+        if problems:
+            return RevocationStatus(False, False, "; ".join(problems))
+        return RevocationStatus(False, True, "")
 
     # --- introspection for tests and monitoring ---------------------------------------------
 

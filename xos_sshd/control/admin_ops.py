@@ -1,8 +1,9 @@
 """``admin.*`` ops: what ``xos-ams`` asks (root peers only).
 
 Each op is a thin layer over one AMS call; the reply carries plain JSON views of the AMS
-types (:func:`mapping_view`, :func:`event_view`), times as ISO 8601 UTC.  Every change is
-audited (event ``admin``) with the peer's pid and uid.  ``admin.explain`` runs the
+types (:func:`mapping_view`, :func:`event_view`), times as ISO 8601 UTC.  Every change, and
+every refused change, is audited (event ``admin``: what was asked, with the peer's pid and
+uid); the mapping change itself is the AMS's own ``mapping`` event.  ``admin.explain`` runs the
 certificate through the one verifier and the mapping through :meth:`AMS.explain`, and
 writes nothing.
 """
@@ -67,8 +68,20 @@ def identity_view(identity: VOIdentity) -> dict[str, Any]:
             'key': identity.key_fingerprint}
 
 
-def _audit(req: Request, action: str, **fields: Any) -> None:
-    req.gateway.audit.write('admin', action=action, pid=req.peer.pid, peer_uid=req.peer.uid, **fields)
+def _audit(req: Request, action: str, outcome: str = 'ok', **fields: Any) -> None:
+    req.gateway.audit.write('admin', action=action, outcome=outcome, pid=req.peer.pid,
+                            peer_uid=req.peer.uid, **fields)
+
+
+def _asked(req: Request) -> dict[str, Any]:
+    """The ``name``/``uid`` a refused request named, as given (cut short), for its audit line."""
+    return {k: str(req.args[k])[:64] for k in ('name', 'uid') if req.args.get(k) is not None}
+
+
+def _refusal(req: Request, action: str, exc: ControlError, **fields: Any) -> ControlError:
+    """Audit a refused change (``outcome: refused`` with the reason) and return *exc*."""
+    _audit(req, action, 'refused', reason=exc.reason, message=str(exc), **fields)
+    return exc
 
 
 async def _record(req: Request) -> MappingRecord:
@@ -103,11 +116,14 @@ async def admin_show(req: Request) -> dict[str, Any]:
 
 
 async def _act(req: Request, action: str, call: Any) -> dict[str, Any]:
-    name = await _named(req)
+    try:
+        name = await _named(req)
+    except ControlError as exc:
+        raise _refusal(req, action, exc, **_asked(req))
     try:
         await call(name)
     except UnknownMapping as exc:
-        raise ControlError('not-mapped', str(exc)) from None
+        raise _refusal(req, action, ControlError('not-mapped', str(exc)), account=name) from None
     _audit(req, action, account=name)
     record = await req.gateway.ams.get_mapping(name)
     return {'mapping': mapping_view(record) if record else None}
@@ -121,13 +137,21 @@ async def admin_pin(req: Request) -> dict[str, Any]:
 
 
 async def admin_ban(req: Request) -> dict[str, Any]:
-    """``{name}`` -> ``{mapping}``: logins refuse ``banned``; the mapping is kept."""
-    return await _act(req, 'ban', req.gateway.ams.ban)
+    """``{name}`` -> ``{mapping, closed}``: logins refuse ``banned``; the mapping is kept;
+    the account's live SSH connections to this gateway are closed at once (``closed``: how
+    many; each audited as event ``connection``, reason ``banned``)."""
+    reply = await _act(req, 'ban', req.gateway.ams.ban)
+    mapping = reply.get('mapping')
+    closed = req.gateway.account_banned(mapping['name']) if mapping else 0
+    return {**reply, 'closed': closed}
 
 
 async def admin_unban(req: Request) -> dict[str, Any]:
     """``{name}`` -> ``{mapping}``."""
-    return await _act(req, 'unban', req.gateway.ams.unban)
+    reply = await _act(req, 'unban', req.gateway.ams.unban)
+    if reply.get('mapping'):
+        req.gateway.account_unbanned(reply['mapping']['name'])
+    return reply
 
 
 async def admin_release(req: Request) -> dict[str, Any]:
@@ -138,15 +162,21 @@ async def admin_release(req: Request) -> dict[str, Any]:
     of the uid or pool name never sees the previous one's files.
     """
     force = req.flag('force', False)
-    record = await _record(req)
+    try:
+        record = await _record(req)
+    except ControlError as exc:
+        raise _refusal(req, 'release', exc, **_asked(req))
     account = record.account
     if not force and account.uid in await asyncio.to_thread(running_uids):
-        raise ControlError('account-busy', f'processes of {account.name} (uid {account.uid}) are '
-                                           f'still running (stop them, or release with force)')
+        raise _refusal(req, 'release', ControlError(
+            'account-busy', f'processes of {account.name} (uid {account.uid}) are still '
+                            f'running (stop them, or release with force)'),
+            account=account.name, uid=account.uid)
     try:
         await req.gateway.ams.release(account.name)
     except UnknownMapping as exc:
-        raise ControlError('not-mapped', str(exc)) from None
+        raise _refusal(req, 'release', ControlError('not-mapped', str(exc)),
+                       account=account.name) from None
     archived = None
     if record.kind != 'static':
         try:

@@ -270,6 +270,11 @@ class ControlServer:
         if spec.privilege == ROOT and peer.uid != 0:
             log.warning('%s: uid %d (pid %d) asked root-only op %s', self.name, peer.uid,
                         peer.pid, op)
+            audit = getattr(self.context, 'audit', None)
+            if audit is not None:
+                audit.write('control', action=op, outcome='refused', reason='permission-denied',
+                            message=f'{op} is for root only', socket=self.name, pid=peer.pid,
+                            peer_uid=peer.uid)
             return protocol.error_reply('permission-denied', f'{op} is for root only')
         request = Request(op, message, peer, conn, self, fds)
         try:

@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,10 @@ DEFAULT_INIT_PYTHON = '/usr/bin/python3'
 SETPRIV = shutil.which('setpriv') or '/usr/bin/setpriv'
 CRIU_ENV = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'LANG': 'C'}
 LOG_TAIL_LINES = 25
+#: What a ``dump --lazy-pages`` logs once every image file is written, just before it starts
+#: serving the memory it holds (cr-dump.c, CRIU 4.x; a test fails if CRIU changes it).
+LAZY_DUMP_READY = 'Starting lazy pages server'
+UNSHARE = shutil.which('unshare') or '/usr/bin/unshare'
 
 
 class CriuError(Exception):
@@ -197,19 +201,38 @@ def _helper_argv() -> list[str]:
 
 
 async def run_helper(req: dict[str, Any], timeout: float,
-                     pass_fds: Sequence[int] = ()) -> tuple[dict[str, Any], str]:
-    """Run the namespace helper (as root) with one request; return (reply, its stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *_helper_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        pass_fds=tuple(pass_fds), start_new_session=True, env=CRIU_ENV)
+                     pass_fds: Sequence[int] = (), *,
+                     marker: tuple[str, Callable[[], object]] | None = None,
+                     ) -> tuple[dict[str, Any], str]:
+    """Run the namespace helper (as root) with one request; return (reply, its stderr).
+
+    *pass_fds* are handed to the helper (and by it to CRIU) and closed here once it runs:
+    the caller's copies would otherwise keep a socket open after CRIU is done with it.
+    *marker* ``(text, callback)``: *callback* is called once, as soon as a line of CRIU's
+    log contains *text* (a lazy dump says its images are complete, then keeps serving).
+    """
     try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(req).encode()), timeout)
-    except TimeoutError:
+        proc = await asyncio.create_subprocess_exec(
+            *_helper_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, pass_fds=tuple(pass_fds), start_new_session=True,
+            env=CRIU_ENV)
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
+    try:
+        if marker is None:
+            out, err = await asyncio.wait_for(proc.communicate(json.dumps(req).encode()),
+                                              timeout)
+        else:
+            out, err = await asyncio.wait_for(_communicate_watching(proc, req, *marker), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
         try:
             os.killpg(proc.pid, 9)
         except ProcessLookupError:
             pass
         await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         raise CriuError(f'{req.get("op")} did not finish within {timeout:.0f} s') from None
     log = err.decode(errors='replace')
     try:
@@ -218,6 +241,28 @@ async def run_helper(req: dict[str, Any], timeout: float,
         raise CriuError(f'the namespace helper failed (exit status {proc.returncode}) '
                         'without a reply', log) from None
     return reply, log
+
+
+async def _communicate_watching(proc: asyncio.subprocess.Process, req: dict[str, Any],
+                                text: str, callback: Callable[[], object]) -> tuple[bytes, bytes]:
+    """``communicate`` that reads stderr line by line and calls *callback* at *text*."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(json.dumps(req).encode())
+    proc.stdin.close()
+    err = bytearray()
+    needle: bytes | None = text.encode()
+    stdout = asyncio.ensure_future(proc.stdout.read())
+    while True:
+        line = await proc.stderr.readline()
+        if not line:
+            break
+        err += line
+        if needle is not None and needle in line:
+            needle = None
+            callback()
+    out = await stdout
+    await proc.wait()
+    return out, bytes(err)
 
 
 async def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
@@ -265,41 +310,102 @@ async def probe(criu_path: str | None = None, account: LocalAccount | None = Non
 async def dump(pid: int, images_dir: str, account: LocalAccount, leave_running: bool, *,
                namespace: JobNamespace | None = None, criu_path: str | None = None,
                extra_args: Sequence[str] = (), timeout: float = 600.0,
-               log_path: str | None = None) -> DumpResult:
+               log_path: str | None = None, keep_stopped: bool = False,
+               pass_fds: Sequence[int] = (),
+               images_ready: Callable[[str], object] | None = None) -> DumpResult:
     """Checkpoint the process tree rooted at *pid* into *images_dir*, as *account*.
 
     With *namespace* (a job), *pid* is the root's pid inside the job's PID namespace and CRIU
     runs inside the job's namespaces; without it, *pid* is a host pid.  With
     *leave_running* the tree goes on after the dump; without, it is killed once the images
-    are complete (in a job namespace: left frozen by CRIU, then the namespace is killed).  *log_path*, if given, receives CRIU's whole log (written by root: give a
-    root-owned location).
+    are complete (in a job namespace: left frozen by CRIU, then the namespace is killed).
+    *keep_stopped* (migration) leaves the tree stopped and alive whatever *leave_running*
+    says: the caller then ends it (:func:`kill_namespace`) or lets it go on
+    (:func:`thaw_namespace`).  *log_path*, if given, receives CRIU's whole log (written by
+    root: give a root-owned location).
+
+    *pass_fds* (job namespace only) reach CRIU as the same numbers (a ``--ps-socket``) and
+    are closed here once CRIU runs.  *images_ready(images_dir)* is called when a
+    ``--lazy-pages`` dump has written every image and starts serving pages (CRIU runs on
+    until the pages are pulled).
     """
     path = find_criu(criu_path)
     # In a job namespace CRIU itself is a member of it: if CRIU killed the tree, the job init
     # would exit and take CRIU down mid-way.  So the tree is left stopped (frozen: nothing it
     # does after the dump can happen), and the namespace is killed once CRIU is done.
-    mode = (['--leave-running'] if leave_running
+    mode = (['--leave-stopped'] if keep_stopped
+            else ['--leave-running'] if leave_running
             else ['--leave-stopped'] if namespace is not None else [])
     args = [path, 'dump', '--unprivileged', '-t', str(pid), '-D', images_dir, '-v4',
             '--display-stats', *mode, *extra_args]
     argv = as_user(account, CAPS_DUMP, args)
     started = time.monotonic()
     if namespace is None:
+        if pass_fds or images_ready is not None:
+            raise CriuError('pass_fds and images_ready need a job namespace')
         rc, _out, log = await _run(argv, timeout)
         ok, error = rc == 0, f'exit status {rc}'
     else:
-        reply, log = await run_helper({'op': 'enter', 'target': namespace.init_pid,
-                                       'starttime': namespace.starttime, 'uid': account.uid,
-                                       'argv': argv, 'env': CRIU_ENV}, timeout + 5)
+        reply, log = await run_helper(
+            {'op': 'enter', 'target': namespace.init_pid, 'starttime': namespace.starttime,
+             'uid': account.uid, 'argv': argv, 'env': CRIU_ENV, 'fds': list(pass_fds)},
+            timeout + 5, pass_fds,
+            marker=((LAZY_DUMP_READY, lambda: images_ready(images_dir))
+                    if images_ready is not None else None))
         ok, error = bool(reply.get('ok')), str(reply.get('error'))
     seconds = time.monotonic() - started
     _save_log(log_path, log)
     if not ok:
         raise CriuError(f'criu dump of pid {pid} as {account.name} failed ({error}): '
                         f'{_first_error(log) or error}', log)
-    if namespace is not None and not leave_running:
+    if namespace is not None and not leave_running and not keep_stopped:
         kill_namespace(namespace, account.uid)
     return DumpResult(seconds, log)
+
+
+def namespace_members(ns: JobNamespace, uid: int) -> list[int]:
+    """Host pids of the live processes of *uid* in the job's PID namespace (the init's),
+    init first; empty when the init is not that job's any more."""
+    try:
+        with open(f'/proc/{ns.init_pid}/stat') as f:
+            stat = f.read()
+        if int(stat[stat.rindex(')') + 2:].split()[19]) != ns.starttime:
+            return []
+        pidns = os.stat(f'/proc/{ns.init_pid}/ns/pid').st_ino
+    except (OSError, ValueError, IndexError):
+        return []
+    members = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f'/proc/{entry}/ns/pid').st_ino == pidns \
+                    and os.stat(f'/proc/{entry}').st_uid == uid:
+                members.append(int(entry))
+        except OSError:
+            continue
+    return sorted(members, key=lambda p: p != ns.init_pid)
+
+
+def thaw_namespace(ns: JobNamespace, uid: int) -> int:
+    """SIGCONT every process of a job left stopped by a ``keep_stopped`` dump (a migration
+    that did not happen: the job goes on where it stood).  Each process is pinned with a
+    pidfd and re-checked before the signal; returns how many were continued."""
+    done = 0
+    for pid in namespace_members(ns, uid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if os.stat(f'/proc/{pid}').st_uid == uid:
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+                done += 1
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+    return done
 
 
 def kill_namespace(ns: JobNamespace, uid: int) -> bool:
@@ -351,6 +457,117 @@ async def restore(images_dir: str, account: LocalAccount, *, job_id: str, job_di
                         log)
     return RestoreResult(int(reply['pid']), int(reply['root']), int(reply['starttime']),
                          seconds, log)
+
+
+class CriuDaemon:
+    """A CRIU page server or lazy-pages daemon running as an account on one socket (see
+    :func:`start_page_server`, :func:`start_lazy_pages`); its log (stderr) is collected."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, what: str) -> None:
+        self.proc = proc
+        self.what = what
+        assert proc.stderr is not None
+        self._log = asyncio.ensure_future(proc.stderr.read())
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    async def finish(self, timeout: float) -> str:
+        """Wait for the daemon to end; its log, or CriuError (non-zero exit, or still running
+        after *timeout* s: then it is killed)."""
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            await self.proc.wait()
+            log = (await self._log).decode(errors='replace')
+            raise CriuError(f'{self.what} did not finish within {timeout:.0f} s', log) from None
+        log = (await self._log).decode(errors='replace')
+        if self.proc.returncode != 0:
+            raise CriuError(f'{self.what} failed (exit status {self.proc.returncode}): '
+                            f'{_first_error(log) or "see log"}', log)
+        return log
+
+    def kill(self) -> None:
+        """SIGKILL the daemon's process group (it runs as the account, in its own session)."""
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+async def _spawn_daemon(argv: Sequence[str], what: str, pass_fds: Sequence[int]) -> CriuDaemon:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pass_fds=tuple(pass_fds), start_new_session=True, env=CRIU_ENV, cwd='/')
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
+    return CriuDaemon(proc, what)
+
+
+async def start_page_server(images_dir: str, account: LocalAccount, sock_fd: int, *,
+                            criu_path: str | None = None) -> CriuDaemon:
+    """``criu page-server --ps-socket`` as *account*: writes the pages a ``dump
+    --page-server`` sends over *sock_fd* (a connected socket, closed here once passed) into
+    *images_dir* (a directory the account owns), and ends when the dump says it is done.
+    No port is ever opened.
+
+    What it reads comes from the network (relayed by the user), so it gets no capability on
+    the host at all: ``--unprivileged`` would need ``CAP_CHECKPOINT_RESTORE``, so instead it
+    runs as root of a user namespace of its own (:func:`own_userns`), the account's uid
+    everywhere else.  Its files belong to the account."""
+    path = find_criu(criu_path)
+    argv = own_userns(account, [path, 'page-server', '--ps-socket', str(sock_fd), '-D',
+                                images_dir, '-v4'])
+    return await _spawn_daemon(argv, f'criu page-server as {account.name}', (sock_fd,))
+
+
+def own_userns(account: LocalAccount, argv: Sequence[str]) -> list[str]:
+    """*argv* as *account* with no capability, inside a new user namespace (where the account
+    is root: CRIU then runs without ``--unprivileged``) and a mount namespace of that
+    namespace's own (CRIU's kernel probes mount a tmpfs).  Host privileges: none."""
+    return as_user(account, (), [UNSHARE, '--user', '--map-root-user', '--mount', *argv])
+
+
+async def start_lazy_pages(images_dir: str, work_dir: str, account: LocalAccount,
+                           sock_fd: int, *, criu_path: str | None = None,
+                           timeout: float = 30.0) -> CriuDaemon:
+    """``criu lazy-pages --page-server --ps-socket`` as *account*, ready to serve a
+    ``restore --lazy-pages --work-dir WORK_DIR``: it takes the restored processes'
+    userfaultfds over ``WORK_DIR/lazy-pages.socket`` and fills their memory with pages it
+    asks for over *sock_fd* (from the source's ``dump --lazy-pages``).  Returns once it
+    listens (``--status-fd``).
+
+    CRIU 4.1.1 never uses userfaultfd in ``--unprivileged`` mode (kerndat skips it, and
+    ``lazy-pages`` then exits 1 without a word), and refuses to run as non-root without it.
+    So the daemon runs as the account inside a user namespace of its own
+    (:func:`own_userns`): root there, the account everywhere else, no capability on the
+    host.  The kernel must let the account open a userfaultfd
+    (``vm.unprivileged_userfaultfd = 1``) and create user namespaces.
+    """
+    path = find_criu(criu_path)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        argv = own_userns(account, [path, 'lazy-pages', '--page-server', '--ps-socket',
+                                    str(sock_fd), '--status-fd', str(status_w), '-D',
+                                    images_dir, '--work-dir', work_dir, '-v4'])
+        daemon = await _spawn_daemon(argv, f'criu lazy-pages as {account.name}',
+                                     (sock_fd, status_w))
+        try:
+            said = await asyncio.wait_for(asyncio.to_thread(os.read, status_r, 1), timeout)
+        except TimeoutError:
+            said = b''
+    finally:
+        os.close(status_r)
+    if not said:  # it exited (or hung) before listening
+        daemon.kill()
+        await daemon.finish(5)
+        raise CriuError(f'{daemon.what} did not start')
+    return daemon
 
 
 def _save_log(log_path: str | None, log: str) -> None:

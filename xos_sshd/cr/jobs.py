@@ -44,6 +44,7 @@ from typing import Any
 
 from ..ams import LocalAccount
 from ..ams.store import Store
+from ..session.spawn import child_rlimits
 from . import apictl, criu
 from .fdscan import NotCheckpointable, host_pid_of, process_table, scan
 from .nsjob import start_time
@@ -171,6 +172,15 @@ class JobTable:
             rows = await txn.all(sql + ' ORDER BY created, id', args)
         return [_row_to_job(r) for r in rows]
 
+    async def counts(self, *, node: str | None = None) -> dict[str, int]:
+        """How many jobs (of *node*, or of every node) are in each state (metrics)."""
+        sql, args = 'SELECT state, COUNT(*) FROM jobs', []  # type: str, list[Any]
+        if node is not None:
+            sql, args = sql + ' WHERE node = ?', [node]
+        async with self.store.read() as txn:
+            rows = await txn.all(sql + ' GROUP BY state', args)
+        return {r[0]: int(r[1]) for r in rows}
+
     async def update(self, job_id: str, *, expect_state: str | None = None,
                      **fields: Any) -> bool:
         """Set *fields* (and ``updated``); with *expect_state*, only if the row is in it."""
@@ -234,6 +244,9 @@ class JobManager:
         self.criu_path = criu_path
         self.init_python = init_python
         self._checkpointing: set[str] = set()  # job ids with a checkpoint under way
+        #: ``[session] rlimits`` ``(name, soft, hard)``, set on every job started (not on a
+        #: restore: CRIU gives the restored processes the limits they had).
+        self.rlimits: Sequence[tuple[str, int, int]] = ()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -302,7 +315,8 @@ class JobManager:
         req = {'op': 'start', 'job_id': job_id, 'uid': account.uid, 'gid': account.gid,
                'groups': sorted(set(account.gids)), 'home': account.home,
                'job_dir': job.job_dir, 'python': self.init_python, 'argv': list(argv),
-               'env': job_environment(account, job_id, env)}
+               'env': job_environment(account, job_id, env),
+               'rlimits': child_rlimits(self.rlimits)}
         try:
             reply, log = await criu.run_helper(req, timeout)
         except criu.CriuError as exc:
@@ -319,8 +333,12 @@ class JobManager:
 
     async def checkpoint(self, job_id: str, account: LocalAccount, *, stop: bool = False,
                          extra_args: Sequence[str] = (), timeout: float = 600.0,
-                         api_timeout: float = API_TIMEOUT) -> Checkpoint:
+                         api_timeout: float = API_TIMEOUT,
+                         dump_options: Mapping[str, Any] | None = None) -> Checkpoint:
         """Dump the job into a new spool image directory; the job goes on unless *stop*.
+
+        *dump_options* go to :func:`criu.dump` as they are (a migration's ``keep_stopped``,
+        ``pass_fds``, ``images_ready``: see :mod:`xos_sshd.cr.migrate`).
 
         Processes of the job that use the application API are told first: the dump waits for
         their critical sections (at most *api_timeout* s, else ``critical-section``) and
@@ -348,7 +366,7 @@ class JobManager:
                                    f'{reason}')
             try:
                 image_id, images_dir, res = await self._dump(job, account, root_host, stop,
-                                                             extra_args, timeout)
+                                                             extra_args, timeout, dump_options)
             except BaseException as exc:
                 # API hook 2a: no checkpoint after all.
                 if parts:
@@ -368,7 +386,9 @@ class JobManager:
         return Checkpoint(got, image_id, images_dir, res.seconds, res.log, len(parts), api_wait)
 
     async def _dump(self, job: Job, account: LocalAccount, root_host: int, stop: bool,
-                    extra_args: Sequence[str], timeout: float) -> tuple[str, str, criu.DumpResult]:
+                    extra_args: Sequence[str], timeout: float,
+                    dump_options: Mapping[str, Any] | None = None,
+                    ) -> tuple[str, str, criu.DumpResult]:
         """Refuse what CRIU cannot carry, then dump: ``(image id, images dir, result)``."""
         problems = await asyncio.to_thread(scan, job.pid, root_host)
         if problems:
@@ -379,7 +399,7 @@ class JobManager:
         try:
             res = await criu.dump(job.root_pid or 0, images_dir, account, leave_running=not stop,
                                   namespace=job.namespace, criu_path=self.criu_path,
-                                  extra_args=extra_args, timeout=timeout)
+                                  extra_args=extra_args, timeout=timeout, **(dump_options or {}))
         except criu.CriuError as exc:
             shutil.rmtree(images_dir, ignore_errors=True)
             raise JobError('checkpoint-failed', f'checkpoint of job {job.id} failed: {exc}') from None

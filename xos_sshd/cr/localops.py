@@ -14,6 +14,10 @@ opens the file *as itself* (``get``: a regular file open for writing, the archiv
 to it from its current offset; ``put``: a regular file open for reading, the archive is read
 from it), so the daemon never opens a user path.  ``get`` -> ``{image, bytes}``, ``put`` ->
 ``{image}``.
+
+``cr.migrate-out {job, mode}`` and ``cr.migrate-in {mode}`` carry one connected unix stream
+socket (SCM_RIGHTS): the migration (:mod:`xos_sshd.cr.migrate`) runs over it after the reply,
+so ``xos-cr migrate`` works from inside a session on the source (or target) node too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import socket
 import stat
 from typing import Any
 
@@ -31,7 +36,7 @@ from .service import Caller, CRService
 #: Per-op time limits (the control server's wait_for); CRIU ops may take long.
 TIMEOUTS = {'run': 120.0, 'checkpoint': 900.0, 'restart': 900.0, 'kill': 60.0, 'logs': 60.0}
 SIMPLE_OPS = ('run', 'list', 'logs', 'kill', 'checkpoint', 'restart', 'images', 'image', 'rm',
-              'imported')
+              'imported', 'caps')
 
 
 async def caller_of(req: Request) -> Caller:
@@ -39,11 +44,18 @@ async def caller_of(req: Request) -> Caller:
     from .images import Owner
     gateway = req.gateway
     record = await gateway.ams.mapping_for_uid(req.peer.uid) if req.peer.uid != 0 else None
+    refusal = None
     if record is None:
-        raise ControlError('permission-denied', f'uid {req.peer.uid} is not a VO account '
-                           'mapped on this node: only mapped users have jobs here')
-    if record.banned:
-        raise ControlError('banned', f'account {record.account.name} is banned')
+        refusal = ControlError('permission-denied', f'uid {req.peer.uid} is not a VO account '
+                               'mapped on this node: only mapped users have jobs here')
+    elif record.banned:
+        refusal = ControlError('banned', f'account {record.account.name} is banned')
+    if refusal is not None:  # audited as the cr service audits its own refusals
+        gateway.audit.write('cr', action=req.op.removeprefix('cr.'), outcome='refused',
+                            reason=refusal.reason, message=str(refusal), route='local',
+                            source=f'pid {req.peer.pid}', peer_uid=req.peer.uid,
+                            account=record.account.name if record else None)
+        raise refusal
     account = record.account
     return Caller(Owner(account.vo, account.vo_user), account, 'local', f'pid {req.peer.pid}')
 
@@ -140,8 +152,52 @@ async def _refusal(coro: Any) -> dict[str, Any]:
     return {'info': result}
 
 
+#: Migrations running on a descriptor a local client passed (kept referenced until done).
+_STREAMS: set[asyncio.Future[Any]] = set()
+
+
+def _stream_op(name: str) -> Any:
+    async def handler(req: Request) -> dict[str, Any]:
+        """``cr.migrate-out`` / ``cr.migrate-in`` with one connected unix stream socket
+        (SCM_RIGHTS): once accepted, the migration's frames go over that socket (the
+        client relays them to the other gateway), in the background of this reply."""
+        from . import migrate
+        from .pagestream import FrameStream
+        caller = await caller_of(req)
+        service = _service(req)
+        if len(req.fds) != 1:
+            raise ControlError('bad-request', f'{req.op} needs exactly one socket (SCM_RIGHTS)')
+        if not stat.S_ISSOCK(os.fstat(req.fds[0]).st_mode):
+            raise ControlError('bad-request', f'{req.op}: the descriptor is not a socket')
+        sock = socket.socket(fileno=req.fds.pop(0))
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise ControlError('bad-request', f'{req.op}: not a unix stream socket')
+        request = {**req.args, 'op': name}
+        try:
+            session = await migrate.prepare(service, caller, request)
+        except Exception as exc:  # noqa: BLE001 (a refusal, answered)
+            sock.close()
+            return migrate.refusal(service, caller, request, exc)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=4 << 20)
+
+        async def run() -> None:
+            try:
+                await session.run(FrameStream(reader, writer))
+            finally:
+                writer.close()
+        task = asyncio.ensure_future(run())
+        _STREAMS.add(task)
+        task.add_done_callback(_STREAMS.discard)
+        return {'mode': session.mode, 'side': session.side}
+    handler.__name__ = f'cr_{name.replace("-", "_")}'
+    return handler
+
+
 OPS: dict[str, Op] = {
     **{f'cr.{name}': Op(_simple(name), ANY, TIMEOUTS.get(name, 30.0)) for name in SIMPLE_OPS},
     'cr.get': Op(cr_get, ANY, 900.0),
     'cr.put': Op(cr_put, ANY, 900.0),
+    'cr.migrate-out': Op(_stream_op('migrate-out'), ANY, 120.0),
+    'cr.migrate-in': Op(_stream_op('migrate-in'), ANY, 120.0),
 }

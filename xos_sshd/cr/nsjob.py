@@ -41,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import select
 import signal
 import sys
@@ -151,8 +152,19 @@ def _stdio_null() -> None:
         os.close(null)
 
 
+def _set_rlimits(limits: Any) -> None:
+    """The ``[session] rlimits`` (``[resource, soft, hard]``, already fitted to what the
+    gateway can grant), set as root before the drop: the init and the command inherit them."""
+    for res, soft, hard in limits:
+        try:
+            resource.setrlimit(int(res), (int(soft), int(hard)))
+        except (OSError, ValueError) as exc:
+            raise HelperError(f'setrlimit({res}, {soft}, {hard}): {exc}') from None
+
+
 def _exec_init(req: dict[str, Any], init_fd: int, status_w: int, adopt: int | None) -> None:
     """Drop to the account and exec the job init (see jobinit.py) from descriptor init_fd."""
+    _set_rlimits(req.get('rlimits', ()))
     _drop(req)
     os.set_inheritable(init_fd, True)
     os.set_inheritable(status_w, True)

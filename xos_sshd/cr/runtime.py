@@ -29,6 +29,7 @@ from ..session import libc
 from . import criu
 from .images import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_COUNT, ImageStore, Owner
 from .jobs import JobManager, JobTable, reconcile
+from .migcaps import MigrationProbe
 from .reaper import Reaper
 from .service import Caller, CRService
 from .subsystem import subsystems
@@ -81,13 +82,18 @@ class CRRuntime:
             quota_count=int(_images_setting(config, 'quota_count', DEFAULT_QUOTA_COUNT)))
         jobs = JobManager(JobTable(ams.store), spool_dir=str(state / 'cr-spool'), node=node,
                           criu_path=criu_path)
+        jobs.rlimits = getattr(getattr(config, 'session', None), 'rlimits', ())
         changed = await reconcile(jobs.table, node)
         for job_id, new_state in changed.items():
-            audit.write('cr', action='reconcile', job=job_id, state=new_state)
+            audit.write('cr', action='reconcile', outcome='ok', route='node', job=job_id,
+                        state=new_state)
         if changed:
             log.info('job table reconciled: %s', ', '.join(f'{j} {s}' for j, s in changed.items()))
         service = CRService(jobs, images, audit, criu_version=version, unavailable=unavailable,
                             job_env={'XOS_CR_SOCKET': cr_socket} if cr_socket else None)
+        # Migration modes: CRIU's kernel features probed in the background (cr/migcaps.py).
+        service.migration = MigrationProbe(node, criu_path, version, unavailable)
+        service.migration.start()
         try:
             libc.set_child_subreaper(True)
         except OSError as exc:  # job inits then go to pid 1, which must reap them
@@ -159,6 +165,8 @@ class CRRuntime:
                           self.upload_dir)
 
     async def close(self) -> None:
+        if self.service.migration is not None:
+            await self.service.migration.close()
         for task in list(self._requested.values()):
             task.cancel()
         if self._task is not None:

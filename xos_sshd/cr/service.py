@@ -69,6 +69,8 @@ UPLOAD_RESULT_TTL = 3600.0
 MAX_UPLOAD_RESULTS = 4096
 #: Ops that need CRIU; with no usable CRIU they answer ``criu-unavailable``.
 NEEDS_CRIU = frozenset({'run', 'checkpoint', 'restart'})
+#: Ops that start a job: refused ``too-many-jobs`` at ``max_jobs_per_account`` running jobs.
+STARTS_JOB = frozenset({'run', 'restart'})
 
 #: Runs as the account (``python3 -I -S -c LOG_READER DIR CAP``): the end of the job's two log
 #: files, as JSON.  Only the standard library, no site: any account can run the system python.
@@ -150,11 +152,17 @@ class CRService:
         self.reader_python = reader_python
         self.job_env = dict(job_env or {})
         self._uploads: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}
+        #: ``[limits] max_jobs_per_account`` (0: no limit), set by the gateway.
+        self.max_jobs = 0
+        self._start_locks: dict[int, asyncio.Lock] = {}
         self._handlers = {
             'run': self._run, 'list': self._list, 'logs': self._logs, 'kill': self._kill,
             'checkpoint': self._checkpoint, 'restart': self._restart, 'images': self._images,
             'image': self._image, 'rm': self._rm, 'imported': self._imported,
+            'caps': self._caps,
         }
+        #: The node's migration capabilities (cr/migcaps.py MigrationProbe), set by CRRuntime.
+        self.migration: Any = None
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -171,24 +179,41 @@ class CRService:
         handler = self._handlers.get(op)
         if handler is None:
             return error_reply('unknown-op', f'unknown op {op[:64]!r}')
+        started = time.monotonic()
         try:
             if op in NEEDS_CRIU and self.unavailable:
                 raise CRError('criu-unavailable', f'checkpoint/restart is not available on '
                               f'this node: {self.unavailable}')
+            if op in STARTS_JOB and self.max_jobs:
+                async with self._start_locks.setdefault(caller.account.uid, asyncio.Lock()):
+                    await self._check_job_limit(caller)
+                    return {'ok': True, **await handler(caller, request)}
             return {'ok': True, **await handler(caller, request)}
         except (CRError, JobError, ImageError) as exc:
-            return self._refused(caller, op, request, exc.reason, str(exc))
+            return self._refused(caller, op, request, exc.reason, str(exc), started, exc)
         except criu.CriuError as exc:
-            return self._refused(caller, op, request, 'criu-failed', str(exc))
+            return self._refused(caller, op, request, 'criu-failed', str(exc), started, exc)
         except Exception:
             log.exception('cr: %s for %s failed', op, caller.account.name)
+            try:
+                self._refused(caller, op, request, 'internal-error', 'a bug: see the gateway log',
+                              started)
+            except Exception:  # the audit log itself failing: already logged above
+                pass
             return error_reply('internal-error', f'{op} failed inside xos-sshd (see its log)')
 
     def _refused(self, caller: Caller, op: str, request: Mapping[str, Any], reason: str,
-                 message: str) -> dict[str, Any]:
+                 message: str, started: float | None = None,
+                 exc: BaseException | None = None) -> dict[str, Any]:
+        """Audit a refusal (with how long it took and what the op had learnt: an exception's
+        ``audit_fields``, e.g. a restart's ``migrated``) and answer it."""
         if op not in ('list', 'images', 'logs', 'image', 'imported'):
+            extra = dict(getattr(exc, 'audit_fields', None) or {})
+            if started is not None:
+                extra['seconds'] = round(time.monotonic() - started, 3)
             self._audit(caller, op, 'refused', reason=reason, message=_one_line(message),
-                        job=_safe(request.get('job')), image=_safe(request.get('image')))
+                        job=_safe(request.get('job')), image=_safe(request.get('image')),
+                        **extra)
         return error_reply(reason, message)
 
     def _audit(self, caller: Caller, action: str, outcome: str = 'ok', **fields: Any) -> None:
@@ -216,6 +241,17 @@ class CRService:
         return value
 
     # --- ownership --------------------------------------------------------------------------
+
+    async def _check_job_limit(self, caller: Caller) -> None:
+        """Refuse to start a job when the account runs ``max_jobs`` on this node already
+        (run and restart, whichever transport: one check, held under the account's lock)."""
+        running = [j for j in await self.jobs.table.list(uid=caller.account.uid,
+                                                         states=['starting', 'running'])
+                   if j.node == self.jobs.node]
+        if len(running) >= self.max_jobs:
+            raise CRError('too-many-jobs', f'{caller.account.name} runs {len(running)} jobs '
+                          f'already (max_jobs_per_account = {self.max_jobs}): wait for one '
+                          f'to end or stop one with xos-cr kill')
 
     async def job_of(self, caller: Caller, job_id: str) -> Job:
         """The caller's job *job_id*; ``no-such-job`` for anybody else's (or none)."""
@@ -364,15 +400,23 @@ class CRService:
                 parent = await self.job_of(caller, info.job_id)
             except JobError:
                 parent = None  # an image from another node (migrated): no local parent
-        images_dir = await self.images.restore_dir(caller.account, caller.owner, image_id)
+        # An image another node took: restarting it here is the end of a migration.
+        migrated = bool(info.node) and info.node != self.jobs.node
         try:
-            job = await self.jobs.restore(str(images_dir), caller.account, image_id=image_id,
-                                          parent_job=parent.id if parent else None)
-        finally:
+            images_dir = await self.images.restore_dir(caller.account, caller.owner, image_id)
+            started = time.monotonic()
             try:
-                await self.images.release_restore_dir(images_dir)
-            except (OSError, ValueError) as exc:
-                log.warning('could not remove restore directory %s: %s', images_dir, exc)
+                job = await self.jobs.restore(str(images_dir), caller.account, image_id=image_id,
+                                              parent_job=parent.id if parent else None)
+            finally:
+                try:
+                    await self.images.release_restore_dir(images_dir)
+                except (OSError, ValueError) as exc:
+                    log.warning('could not remove restore directory %s: %s', images_dir, exc)
+            seconds = time.monotonic() - started
+        except Exception as exc:  # the refusal's audit line says which image it was
+            exc.audit_fields = {'image_node': info.node, 'migrated': migrated}  # type: ignore[attr-defined]
+            raise
         if parent is None:
             # The restored processes write to the files their image names: the log directory
             # of the job the image was taken of (``logs_of`` when that job was itself restored).
@@ -383,8 +427,15 @@ class CRService:
                                          log_dir=log_dir)
             job = await self.jobs.table.get(job.id) or job
         self._audit(caller, 'restart', job=job.id, image=image_id, pid=job.pid,
-                    parent_job=parent.id if parent else None, image_node=info.node)
+                    parent_job=parent.id if parent else None, image_node=info.node,
+                    migrated=migrated, seconds=round(seconds, 3), size_bytes=info.size_bytes)
         return {'job': job.as_dict()}
+
+    async def _caps(self, caller: Caller, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``caps {job?}``: the migration modes this node can send and receive (with a job:
+        for that job, whose memory bounds lazy pages); see cr/migcaps.py."""
+        from .migcaps import caps_reply
+        return await caps_reply(self, caller, request)
 
     async def _images(self, caller: Caller, request: Mapping[str, Any]) -> dict[str, Any]:
         infos = await self.images.list(caller.account.uid)
@@ -397,7 +448,7 @@ class CRService:
     async def _rm(self, caller: Caller, request: Mapping[str, Any]) -> dict[str, Any]:
         info = await self.image_of(caller, self._id(request, 'image', IMAGE_ID, 'image'))
         await self.images.remove(caller.account.uid, info.id)
-        self._audit(caller, 'rm', image=info.id)
+        self._audit(caller, 'rm', image=info.id, size_bytes=info.size_bytes)
         return {'image': info.id}
 
     # --- archives (get/put): used by the local socket and the xos-images subsystem ----------
@@ -409,7 +460,7 @@ class CRService:
             raise CRError('no-such-image', f'no image {image_id[:80]!r}')
         info = await self.image_of(caller, image_id)
         path = await self.images.export_archive(caller.account.uid, info.id)
-        self._audit(caller, 'export', image=info.id)
+        self._audit(caller, 'export', image=info.id, size_bytes=info.size_bytes)
         return path
 
     async def release_export(self, path: Path) -> None:
@@ -474,6 +525,10 @@ class CRService:
                 ended.append(job)
                 log.info('job %s of %s ended (exit code %s)', job.id, job.account,
                          fields.get('exit_code', 'unknown'))
+                self.audit.write('cr', action='ended', outcome='ok', route='node', vo=job.vo,
+                                 user=job.vo_user, account=job.account, uid=job.uid,
+                                 job=job.id, pid=job.pid, exit_code=fields.get('exit_code'),
+                                 seconds=round(fields['ended'] - job.created, 3))
         return ended
 
 

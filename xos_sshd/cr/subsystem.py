@@ -11,10 +11,16 @@ or JSON that is not an object is answered ``{"ok": false, "reason": "bad-request
 and the session goes on.  Requests are :meth:`CRService.handle`'s (``{"op": "list"}``...);
 ``op`` may also carry the local socket's ``cr.`` prefix.  End of input ends the session
 (exit status 0) once every reply is sent.
+
+``migrate-out`` and ``migrate-in`` (:mod:`xos_sshd.cr.migrate`) are answered like any op;
+once accepted (``{"ok": true, "mode": M, "side": "source"|"target"}``), the channel carries
+the migration's frames (:mod:`xos_sshd.cr.pagestream`) until the migration ends, and its exit
+status says how it ended (0 done, 1 failed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -25,6 +31,9 @@ import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
 from ..control.protocol import error_reply
+from . import migrate
+from .migrate import STREAM_OPS
+from .pagestream import FrameStream
 from .service import Caller, CRService
 
 log = logging.getLogger(__name__)
@@ -56,16 +65,26 @@ async def serve_lines(service: CRService, caller: Caller, stdin: asyncssh.SSHRea
                                 default=str).encode() + b'\n')
         await stdout.drain()
 
-    async def one(line: bytes) -> None:
+    async def one(line: bytes) -> Any:
+        """Answer one line; a migration stream op that was accepted is returned instead."""
         # The limit is on the line as sent (before stripping), the same however it was read.
         if len(line.rstrip(b'\r')) > MAX_LINE:
             await answer(error_reply('bad-request', f'request line longer than {MAX_LINE} bytes'))
-            return
+            return None
         line = line.strip()
         if not line:
-            return
+            return None
         request, refusal = _decode(line)
+        if request is not None and str(request.get('op', '')).removeprefix('cr.') in STREAM_OPS:
+            try:
+                session = await migrate.prepare(service, caller, request)
+            except Exception as exc:  # noqa: BLE001 (answered; the line session goes on)
+                await answer(migrate.refusal(service, caller, request, exc))
+                return None
+            await answer({'ok': True, 'mode': session.mode, 'side': session.side})
+            return session
         await answer(refusal if request is None else await service.handle(caller, request))
+        return None
 
     buf = bytearray()
     skipping = False  # inside a line already refused as too long
@@ -93,13 +112,41 @@ async def serve_lines(service: CRService, caller: Caller, stdin: asyncssh.SSHRea
                 if skipping:  # the rest of the refused line
                     skipping = False
                     continue
-                await one(line)
+                session = await one(line)
+                if session is not None:
+                    # The channel is a migration stream from here on (cr/pagestream.py).
+                    status = await session.run(FrameStream(_Prefixed(bytes(buf), stdin), stdout))
+                    stdout.channel.exit(status)
+                    return
         if buf and not skipping:
             await one(bytes(buf))
     except (asyncssh.BreakReceived, ConnectionError, asyncssh.DisconnectError) as exc:
         log.debug('xos-cr subsystem of %s ended: %s', caller.account.name, exc)
         return
     stdout.channel.exit(0)
+
+
+class _Prefixed:
+    """*reader* with *prefix* (bytes already read past the request line) in front of it."""
+
+    def __init__(self, prefix: bytes, reader: asyncssh.SSHReader[bytes]) -> None:
+        self.prefix = prefix
+        self.reader = reader
+
+    async def readexactly(self, n: int) -> bytes:
+        if not self.prefix:
+            while True:
+                try:
+                    return await self.reader.readexactly(n)
+                except _INTERRUPTIONS:
+                    continue
+        head, self.prefix = self.prefix[:n], self.prefix[n:]
+        if len(head) == n:
+            return head
+        try:
+            return head + await self.reader.readexactly(n - len(head))
+        except asyncio.IncompleteReadError as exc:
+            raise asyncio.IncompleteReadError(head + exc.partial, n) from None
 
 
 def cr_session(service: CRService, caller: Caller) -> SSHServerStreamSession[bytes]:

@@ -4,6 +4,11 @@ The channel's bytes go to the child's pty master (interactive) or to its three p
 the child's exit status or signal goes back with ``exit-status``/``exit-signal``, window-size
 changes reach the pty, and client signals reach the child.  The root process only ever
 touches descriptors here; the child was started by :func:`spawn_as`.
+
+Each session leaves an ``open`` and a ``close`` audit event (``SessionContext.on_event``;
+docs/internals.md, "Audit events"): kind ``shell``, ``exec`` or ``subsystem`` (with its
+name), pid, tty, exit status or signal, duration.  Like sshd, never the command text: a
+command line may carry secrets, and the account, time and pid are what an admin traces.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import struct
 import termios
@@ -23,12 +29,17 @@ import asyncssh
 
 from ..ams import LocalAccount
 from ..auth.identity import VOIdentity
+from ..config import SessionConfig
 from . import libc
 from .environment import session_environment
 from .fdio import FdReader, FdWriter
 from .spawn import SpawnError, Stdio, spawn_as
 
 log = logging.getLogger(__name__)
+
+#: After the channel closes, the ``close`` event waits this long for the hung-up process's
+#: exit status (it is logged without one, ``running: true``, if it is not gone by then).
+CLOSE_AUDIT_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,13 @@ class SessionContext:
     #: Added to every session's environment (``XOS_CR_SOCKET``: where this node's xos-cr
     #: local socket is).
     env_extra: Mapping[str, str] | None = None
+    #: Told of the session's ``open`` and ``close`` (``on_event('session', **fields)``, the
+    #: signature of :meth:`xos_sshd.audit.AuditLog.write`).
+    on_event: Callable[..., None] | None = None
+    #: The client's ``host:port`` for the audit log (``peer_host`` when unset).
+    source: str | None = None
+    #: ``[session]``: PAM and resource limits of the session's process (defaults when unset).
+    session: SessionConfig | None = None
 
 
 class UserSession(asyncssh.SSHServerSession[bytes]):
@@ -65,6 +83,13 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         self._exit_sent = False
         #: An in-gateway subsystem's session: every channel event goes to it.
         self._delegate: Any = None
+        #: For the audit log: what was asked (never the command text) and since when.
+        self._kind = 'shell'
+        self._subsystem: str | None = None
+        self._session_id = secrets.token_hex(4)
+        self._opened_at: float | None = None
+        self._close_audited = False
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # --- requests before the session starts ---------------------------------------------
 
@@ -81,15 +106,20 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
 
     def exec_requested(self, command: str) -> bool:
         self._command = command
+        self._kind = 'exec'
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
         factory = (self._ctx.subsystems or {}).get(subsystem)
+        self._kind, self._subsystem = 'subsystem', subsystem[:64]
         if factory is None or self._chan is None:
             log.info('refused unknown subsystem %r for %s', subsystem, self._ctx.account.name)
+            self._audit('open', 'refused', reason='unknown-subsystem',
+                        message=f'no subsystem {subsystem[:64]!r} on this gateway')
             return False
         self._delegate = factory(self._ctx)
         self._delegate.connection_made(self._chan)
+        self._opened()
         log.info('subsystem %s started for %s (%s)', subsystem, self._ctx.account.name,
                  self._ctx.peer_host)
         return True
@@ -102,6 +132,7 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             self._start_child()
         except (SpawnError, OSError) as exc:
             log.error('session for %s failed to start: %s', self._ctx.account.name, exc)
+            self._audit('open', 'refused', reason='spawn-failed', message=str(exc))
             assert self._chan is not None
             self._chan.write_stderr(f'xos-sshd: {exc}\r\n'.encode())
             self._send_exit(255)
@@ -170,6 +201,11 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
                 pass
         elif self._pty_master >= 0:
             self._close_pty()
+        if self._proc is not None and self._proc.returncode is None:
+            # hung up: the close event waits a little for its exit status (_child_exited)
+            self._close_timer = self._loop.call_later(CLOSE_AUDIT_WAIT, self._audit_close)
+        else:
+            self._audit_close()
         if self._ctx.on_close is not None:
             self._ctx.on_close(self)
 
@@ -201,6 +237,7 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         self._loop.add_reader(self._pidfd, self._child_exited)
         log.info('session started for %s (%s) pid %d: %s', account.name, self._ctx.peer_host,
                  self._proc.pid, 'shell' if self._command is None else 'exec')
+        self._opened(pid=self._proc.pid, tty=self._tty_line or None)
 
     def _start_with_pty(self, shell: str, argv: list[str], env: dict[str, str]) -> None:
         assert self._term is not None
@@ -209,7 +246,8 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             _set_window_size(master, self._term[1])
             self._tty_line = os.ttyname(slave).removeprefix('/dev/')
             self._proc = spawn_as(self._ctx.account, argv, env, Stdio(slave, slave, slave),
-                                  executable=shell, take_tty=True)
+                                  executable=shell, take_tty=True, session=self._ctx.session,
+                                  rhost=self._ctx.peer_host)
         except BaseException:
             os.close(master)
             raise
@@ -228,7 +266,8 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
                 fds.extend(os.pipe2(os.O_CLOEXEC))
             in_r, in_w, out_r, out_w, err_r, err_w = fds
             self._proc = spawn_as(self._ctx.account, argv, env, Stdio(in_r, out_w, err_w),
-                                  executable=shell)
+                                  executable=shell, session=self._ctx.session,
+                                  rhost=self._ctx.peer_host)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -269,6 +308,8 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             self._utmp(libc.DEAD_PROCESS)
             self._close_pty()
         self._maybe_finish()
+        if self._chan is None:  # the channel went first (hang-up): now the close is complete
+            self._audit_close()
 
     def _maybe_finish(self) -> None:
         """Send the exit status once the child is reaped and (exec) its output fully read."""
@@ -308,6 +349,50 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         if self._pty_master >= 0:
             os.close(self._pty_master)
             self._pty_master = -1
+
+    # --- audit ---------------------------------------------------------------------------------
+
+    def _opened(self, **fields: Any) -> None:
+        self._opened_at = time.monotonic()
+        self._audit('open', **fields)
+
+    def _audit_close(self) -> None:
+        """The one ``close`` event of an opened session: duration, exit status or signal."""
+        if self._close_audited or self._opened_at is None:
+            return
+        self._close_audited = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        fields: dict[str, Any] = {'seconds': round(time.monotonic() - self._opened_at, 3)}
+        if self._proc is not None:
+            fields['pid'] = self._proc.pid
+            code = self._proc.returncode
+            if code is None:
+                fields['running'] = True
+            elif code < 0:
+                try:
+                    fields['exit_signal'] = signal.Signals(-code).name.removeprefix('SIG')
+                except ValueError:
+                    fields['exit_signal'] = str(-code)
+            else:
+                fields['exit_status'] = code
+        self._audit('close', **fields)
+
+    def _audit(self, action: str, outcome: str = 'ok', **fields: Any) -> None:
+        ctx = self._ctx
+        if ctx.on_event is None:
+            return
+        if self._subsystem is not None:
+            fields['subsystem'] = self._subsystem
+        try:
+            ctx.on_event('session', action=action, outcome=outcome, route='ssh',
+                         session=self._session_id, source=ctx.source or ctx.peer_host,
+                         vo=ctx.identity.vo, user=ctx.identity.user, account=ctx.account.name,
+                         uid=ctx.account.uid, kind=self._kind,
+                         **{k: v for k, v in fields.items() if v is not None})
+        except Exception:  # accounting must never break a session
+            log.exception('could not audit session %s of %s', action, ctx.account.name)
 
     def _utmp(self, kind: int) -> None:
         try:
