@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 VENV_BIN = Path(sys.executable).parent
 XOS_CA = str(VENV_BIN / 'xos-ca')
@@ -154,9 +154,11 @@ class GatewayProcess:
         return cls(base, port, state, config, log_path=base / 'gateway.log',
                    control_socket=control)
 
-    def start(self, debug: bool = True) -> 'GatewayProcess':
+    def start(self, debug: bool = True, wrapper: Sequence[str] = ()) -> 'GatewayProcess':
+        """Start the gateway (under *wrapper*, a command that execs its arguments) and wait
+        until it listens."""
         log = open(self.log_path, 'ab')
-        self.proc = subprocess.Popen([XOS_SSHD, '--config', str(self.config)]
+        self.proc = subprocess.Popen([*wrapper, XOS_SSHD, '--config', str(self.config)]
                                      + (['--debug'] if debug else []),
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()

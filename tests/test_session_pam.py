@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -70,23 +69,10 @@ class NsGateway(GatewayProcess):
                   f'workdir={ns}/var-work /var/lib && '
                   f'mount --bind {self.state}/nss /var/lib/xos-sshd/nss && '
                   f'mount --bind {nsswitch} /etc/nsswitch.conf && exec "$@"')
-        log = open(self.log_path, 'ab')
         # unshare and sh exec: the gateway keeps this pid (its /proc/PID/limits is read)
-        self.proc = subprocess.Popen(
-            ['unshare', '-m', '--propagation', 'private', 'sh', '-c', script, 'sh',
-             XOS_SSHD, '--config', str(self.config), '--debug'],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f'xos-sshd exited {self.proc.returncode}:\n{self.log()}')
-            try:
-                with socket.create_connection(('127.0.0.1', self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f'xos-sshd did not listen on {self.port}:\n{self.log()}')
+        super().start(debug, wrapper=['unshare', '-m', '--propagation', 'private',
+                                      'sh', '-c', script, 'sh'])
+        return self
 
 
 @pytest.fixture

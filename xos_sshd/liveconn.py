@@ -36,6 +36,7 @@ import asyncssh
 from .ams import LocalAccount
 from .auth.identity import VOIdentity
 from .auth.verifier import RevocationStatus
+from .tasks import cancel_and_wait, wake_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +220,7 @@ class RevocationWatch:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await wake_or_timeout(self._wake, self._interval)
             self.sweep_once()
 
     def sweep_once(self) -> int:
@@ -240,10 +237,5 @@ class RevocationWatch:
             return 0
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -30,6 +30,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .cr.jobs import JOB_STATES
+from .tasks import cancel_and_wait, wake_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +237,7 @@ class MetricsEndpoint:
 
     async def _refresh_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._refresh_seconds)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await wake_or_timeout(self._wake, self._refresh_seconds)
             try:
                 await self.refresh()
             except Exception:
@@ -256,13 +253,8 @@ class MetricsEndpoint:
     async def close(self) -> None:
         """Stop counting, stop the refresher, close the listening socket."""
         self._audit.unsubscribe(self._observe)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._httpd is not None:
             httpd, self._httpd = self._httpd, None
             await asyncio.to_thread(httpd.shutdown)

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..ams import MappingRefused
 from ..auth.errors import AuthRefused
+from ..tasks import cancel_and_wait
 from . import protocol
 from .protocol import ControlError
 
@@ -171,12 +172,7 @@ class ControlServer:
         """Stop accepting, drop live connections, remove the socket file."""
         if self._sock is None:
             return
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-            try:
-                await self._acceptor
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._acceptor)
         self._sock.close()
         self._sock = None
         for task in list(self._tasks):

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..ams import AMS
 from ..session import libc
+from ..tasks import cancel_and_wait
 from . import criu
 from .images import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_COUNT, ImageStore, Owner
 from .jobs import JobManager, JobTable, reconcile
@@ -169,13 +170,8 @@ class CRRuntime:
             await self.service.migration.close()
         for task in list(self._requested.values()):
             task.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         try:
             self.reaper.reap()
         except OSError:
