@@ -14,8 +14,15 @@
 # SETPCAP ambient; jobs get PID and mount namespaces (SYS_ADMIN); seccomp/AppArmor profiles
 # of container engines block the ptrace/namespace calls CRIU needs.
 # [session] rlimits above the container's own hard limits need --cap-add SYS_RESOURCE
-# (without it they are lowered to the container's); [session] pam = true uses
-# /etc/pam.d/xos-sshd (installed below) and accounts resolvable through nsswitch.conf.
+# (without it they are lowered to the container's).
+# [session] pam = true runs /etc/pam.d/xos-sshd (installed below), whose modules look the
+# mapped account up by name: so the image's /etc/nsswitch.conf names xos for passwd and
+# group ("passwd: files xos", added by a sed below; libnss_xos reads the tables the gateway
+# writes to /var/lib/xos-sshd/nss).  libpam-systemd is deliberately not installed: its
+# pam_systemd registers each session with systemd-logind over D-Bus, and this container runs
+# neither (xos-sshd is its only process), so it would pull in systemd and dbus for a module
+# that can only fail.  The stack's "session optional pam_systemd.so" line is then skipped
+# (a module that cannot be loaded, optional: the session goes on; xos-sshd doctor says so).
 # Volumes: /etc/xos-sshd (config.toml, host keys, VO CA certificates and CRLs, read-only),
 # /var/lib/xos-sshd (AMS database, NSS tables, images, audit log), /home (mapped homes),
 # /run/xos-sshd (control socket, shared with the host's pam_xos).
@@ -39,6 +46,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/xos-sshd /opt/xos-sshd
 COPY --from=build /src/native/build/libnss_xos.so.2 /usr/lib/x86_64-linux-gnu/
+# passwd and group through libnss_xos too, after the local files (see the top); the build
+# fails if a line was not there to extend.
+RUN sed -Ei '/^(passwd|group):/ { /[[:space:]]xos([[:space:]]|$)/! s/[[:space:]]*$/ xos/ }' /etc/nsswitch.conf \
+ && grep -Eq '^passwd:.*[[:space:]]xos$' /etc/nsswitch.conf \
+ && grep -Eq '^group:.*[[:space:]]xos$' /etc/nsswitch.conf
 COPY --from=build /src/native/build/pam_xos.so /usr/lib/x86_64-linux-gnu/security/
 COPY deploy/config.example.toml /etc/xos-sshd/config.toml
 # The PAM service of sessions, used with [session] pam = true (README "Configuration").

@@ -42,6 +42,7 @@ from gatewayproc import (
     run,
 )
 
+from xos_sshd.cr.criu import JobNamespace, namespace_members
 from xos_sshd.cr.manifest import load_or_create_node_key
 
 XOS_CR = str(VENV_BIN / 'xos-cr')
@@ -473,6 +474,43 @@ def test_uploads_are_bounded_by_the_quota(cr_env: dict[str, Any], ca: VOCA, alic
     assert refused(res, 'quota-exceeded'), res.stderr
     assert [p for p in (gw.state / 'cr-uploads').rglob('*') if p.is_file()] == []
     assert images_of(gw, alice) == []
+
+
+def test_stop_checkpoint_keeps_the_job_until_its_image_is_stored(
+        cr_env: dict[str, Any], ca: VOCA, alice: Path) -> None:
+    """``checkpoint --stop`` ends the job only once the image store took the image: refused
+    by the byte quota (known only after the dump), the job is thawed and counts on; with
+    room, it ends and its image restarts where it stood."""
+    gw = make_gateway(cr_env, ca, 'small', images={'quota_bytes': 50000})
+    count = home_of(cr_env, 'alice') / 'count'
+    job = xcr(gw, alice, 'run', '--', 'sh', '-c', COUNTER).stdout.strip()
+    counted(count, 3)
+    res = xcr(gw, alice, 'checkpoint', job, '--stop', check=False)
+    assert refused(res, 'quota-exceeded') and f'job {job} still runs' in res.stderr, res.stderr
+    row = jobs_of(gw, alice)[job]
+    assert row['state'] == 'running' and images_of(gw, alice) == []
+    members = namespace_members(JobNamespace(row['pid'], row['starttime']), row['uid'])
+    assert len(members) >= 2  # the init and the counting shell, none of them left frozen
+    for pid in members:
+        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+        assert state not in ('T', 't'), (pid, state)
+    n = len(ints(count))
+    counted(count, n + 5)  # still counting
+    assert [p for p in (gw.state / 'cr-spool').rglob('*') if p.is_file()] == []
+    [line] = [e for e in gw.audit() if e['event'] == 'cr' and e['action'] == 'checkpoint']
+    assert (line['outcome'], line['reason'], line['running']) == ('refused', 'quota-exceeded', True)
+    # with room for the image, --stop ends the job, and the image goes on from there
+    gw.stop()
+    write_images_table(gw, {})
+    gw.start()
+    image = xcr(gw, alice, 'checkpoint', job, '--stop').stdout.strip()
+    assert jobs_of(gw, alice)[job]['state'] == 'checkpointed' and images_of(gw, alice) == [image]
+    wait_for(lambda: not alive(row['pid']), 10, 'the stopped job to end')
+    n, last = len(ints(count)), ints(count)[-1]
+    new = xcr(gw, alice, 'restart', image).stdout.strip()
+    resumed = counted(count, n + 5)[n:]
+    assert resumed == list(range(last + 1, last + 1 + len(resumed)))
+    xcr(gw, alice, 'kill', new, '-s', 'KILL')
 
 
 def test_migration_between_two_gateways(cr_env: dict[str, Any], ca: VOCA, alice: Path) -> None:

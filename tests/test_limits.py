@@ -24,11 +24,12 @@ from conftest import dynamic_vo
 from gatewayproc import TEST_LIMITS, XOS_SSHD, GatewayProcess, VOCA, run
 
 from crhelpers import PR_SET_CHILD_SUBREAPER, _libc, reap_zombie_children
-from gatewayproc import free_uid_range, release_uid_range
+from gatewayproc import free_port, free_uid_range, release_uid_range
 from test_cr_e2e import _end_processes, jobs_of, xcr
 from test_cr_e2e import refused as cr_refused
+from test_observability import scrape, value, with_metrics
 
-from xos_sshd.admission import drop_probability, source_key
+from xos_sshd.admission import REFUSAL_REASONS, drop_probability, source_key
 from xos_sshd.config import ConfigError, parse_max_startups
 
 LOOPBACK_EXEMPT = ['127.0.0.0/8', '::1/128']
@@ -150,18 +151,26 @@ def test_max_startups_rule_and_source_keys() -> None:
 
 @pytest.fixture
 def startups_gw(tmp_path: Path, dev_ca: VOCA, uid_range: tuple[int, int],
-                home_base: Path) -> Iterator[GatewayProcess]:
-    gw = _gateway(tmp_path, dev_ca, uid_range, home_base,
-                  {'max_startups': '3', 'max_startups_per_source': 2,
-                   'penalty_exempt': LOOPBACK_EXEMPT})
-    yield gw
+                home_base: Path) -> Iterator[tuple[GatewayProcess, int]]:
+    """The gateway and its metrics port."""
+    gw = GatewayProcess.configure(tmp_path, {'dev': dynamic_vo(dev_ca, uid_range,
+                                                               home_base / 'home')},
+                                  limits={'max_startups': '3', 'max_startups_per_source': 2,
+                                          'penalty_exempt': LOOPBACK_EXEMPT})
+    mport = free_port()
+    with_metrics(gw, listen=f'127.0.0.1:{mport}')
+    gw.start()
+    yield gw, mport
     gw.stop()
 
 
-def test_max_startups_and_per_source_refuse_before_the_banner(startups_gw: GatewayProcess,
-                                                              dev_ca: VOCA,
-                                                              tmp_path: Path) -> None:
-    gw = startups_gw
+def test_max_startups_and_per_source_refuse_before_the_banner(
+        startups_gw: tuple[GatewayProcess, int], dev_ca: VOCA, tmp_path: Path) -> None:
+    gw, mport = startups_gw
+    refusals = 'xos_sshd_connections_refused_total'
+    m0 = scrape(mport)  # every reason exported from the start (0)
+    assert {r: m0.get((refusals, (('reason', r),))) for r in REFUSAL_REASONS} == {
+        'max-startups': 0, 'max-startups-per-source': 0, 'penalty': 0}
     alice = dev_ca.issue('alice', tmp_path / 'alice')
     held = [_raw(gw, '127.0.0.3'), _raw(gw, '127.0.0.3')]
     try:
@@ -183,6 +192,12 @@ def test_max_startups_and_per_source_refuse_before_the_banner(startups_gw: Gatew
     log = gw.log()
     assert 'refused connection from 127.0.0.3: ' in log and 'max_startups_per_source = 2' in log
     assert 'refused connection from 127.0.0.5: ' in log and 'max_startups = 3:100:3' in log
+    # every refusal is counted on the metrics endpoint, though none is an audit line
+    metrics = scrape(mport)
+    assert value(metrics, refusals, reason='max-startups-per-source') == 1
+    assert value(metrics, refusals, reason='max-startups') >= 2  # 127.0.0.5, ssh-xos
+    assert value(metrics, refusals, reason='penalty') == 0
+    assert not [e for e in gw.audit() if e.get('reason') in REFUSAL_REASONS]
     # authenticated connections are not startups: three sessions at once are fine
     procs = [gw.ssh_xos(alice, 'echo $((1+1))') for _ in range(3)]
     assert all(p.stdout == '2\n' for p in procs)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import dynamic_vo
+from crhelpers import wait_for
 from gatewayproc import XOS_SSHD, VOCA, GatewayProcess
 from test_cr_e2e import ca, cr_env, make_gateway, xcr  # noqa: F401 (fixtures)
 
@@ -251,6 +252,24 @@ def test_failing_pam_stack_refuses_the_session_and_the_gateway_serves_on(
     assert shipped.returncode == 0, shipped.stderr + gw.log()[-2000:]
     assert shipped.stdout.split()[0] == 'dev-alice' and shipped.stdout.split()[1].endswith('/dev-alice')
     assert gw.alive()
+    # the audit log: a refused session is one line, 'open' refused with the reason and PAM's
+    # message (never an 'open' ok then a 'close' with status 255); the two that ran: open, close
+    def sessions() -> list[dict[str, Any]]:
+        return [e for e in gw.audit() if e['event'] == 'session' and e['route'] == 'ssh']
+    refusals = [e for e in sessions() if e['outcome'] == 'refused']
+    assert [(e['action'], e['reason'], e['kind']) for e in refusals] == [
+        ('open', 'pam-refused', 'exec'), ('open', 'pam-refused', 'exec'),
+        ('open', 'spawn-failed', 'exec')], refusals
+    assert refusals[0]['message'] == ('pam_open_session: Cannot make/remove an entry for the '
+                                      'specified session')
+    assert refusals[1]['message'] == 'pam_acct_mgmt: Authentication failure'
+    assert 'must be root-owned' in refusals[2]['message']
+    assert all(isinstance(e['pid'], int) for e in refusals)
+    opened = [e['session'] for e in sessions() if e['action'] == 'open' and e['outcome'] == 'ok']
+    assert len(opened) == 2
+    wait_for(lambda: sorted(e['session'] for e in sessions() if e['action'] == 'close')
+             == sorted(opened), 10, 'the close lines of the two sessions that ran')
+    assert [e['exit_status'] for e in sessions() if e['action'] == 'close'] == [0, 0]
 
 
 # --------------------------------------------------------------------------- PAM off

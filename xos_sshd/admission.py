@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_PENALISED_SOURCES = 65536
 #: One log line per kind of refusal at most this often (seconds); the rest are counted.
 LOG_INTERVAL = 10.0
+#: The reasons of :class:`AdmissionRefused` (keys of :attr:`Admission.counters`; the metrics
+#: export each, 0 until it happens).
+REFUSAL_REASONS = ('max-startups', 'max-startups-per-source', 'penalty')
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

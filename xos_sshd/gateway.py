@@ -101,7 +101,7 @@ class Gateway:
             await gateway.cr_server.start()
             gateway.cr_runtime.start()
             gateway.metrics = await MetricsEndpoint.start(config, gateway.audit, ams,
-                                                          gateway.cr.jobs)
+                                                          gateway.cr.jobs, gateway.admission)
         except BaseException:
             if gateway.metrics is not None:
                 await gateway.metrics.close()

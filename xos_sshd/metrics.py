@@ -6,7 +6,10 @@ operation is already reported once, as one audit event (:mod:`xos_sshd.audit`).
 updates, so the counters count exactly what the log says, with the same outcomes and
 reasons, and nothing in the gateway reports an event twice in two ways.  Gauges that
 describe state rather than events (mappings per VO, jobs per state) are read from the store
-every ``[metrics] refresh_seconds`` and right after a mapping or job event.
+every ``[metrics] refresh_seconds`` and right after a mapping or job event.  The one
+exception: connections refused before authentication are counted by admission
+(:attr:`xos_sshd.admission.Admission.counters`), which deliberately audits none of them (a
+flood must not flood the log), and read from there at scrape time.
 
 Everything lives in a private :class:`~prometheus_client.CollectorRegistry` (never the
 process-global default), served by prometheus_client's own HTTP server in a daemon thread on
@@ -24,11 +27,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from .admission import REFUSAL_REASONS
 from .cr.jobs import JOB_STATES
 from .tasks import cancel_and_wait, wake_or_timeout
 
@@ -69,6 +73,30 @@ class _Snapshot(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         yield GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+
+
+class _Refusals(Collector):
+    """``xos_sshd_connections_refused_total{reason}``, read at scrape time from admission's
+    counters (reason -> count, kept by the event loop's thread)."""
+
+    NAME = f'{PREFIX}_connections_refused'
+    HELP = ('Connections refused before authentication (closed before the SSH banner), by '
+            'reason')
+
+    def __init__(self, counters: Mapping[str, int]) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        # dict() of a Counter copies in C without releasing the GIL: the loop thread's
+        # increments are seen before or after, never halfway.
+        counts = dict(self.counters)
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=['reason'])
+        for reason in REFUSAL_REASONS:  # (the counters also hold penalties imposed)
+            family.add_metric([reason], float(counts.get(reason, 0)))
+        yield family
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=['reason'])
 
 
 class Metrics:
@@ -116,6 +144,7 @@ class Metrics:
                               ('state',))
         r.register(self.mappings)
         r.register(self.jobs)
+        self.refusals: _Refusals | None = None
         if process:
             ProcessCollector(namespace=PREFIX, registry=r)
 
@@ -169,6 +198,14 @@ class Metrics:
         elif op == 'restart' and seconds is not None:
             self.restart_seconds.observe(seconds)
 
+    def count_refusals(self, counters: Mapping[str, int]) -> None:
+        """Export admission's refusal counters (``Admission.counters``), read at each scrape."""
+        if self.refusals is None:
+            self.refusals = _Refusals(counters)
+            self.registry.register(self.refusals)
+        else:
+            self.refusals.counters = counters
+
     # --- state read from the store ------------------------------------------------------------
 
     def set_mappings(self, counts: Mapping[tuple[str, str], int],
@@ -205,8 +242,10 @@ class MetricsEndpoint:
         self.address: tuple[str, int] = ('', 0)
 
     @classmethod
-    async def start(cls, config: Any, audit: Any, ams: Any, jobs: Any) -> 'MetricsEndpoint | None':
-        """Serve the metrics when ``[metrics] listen`` is set (else ``None``).
+    async def start(cls, config: Any, audit: Any, ams: Any, jobs: Any,
+                    admission: Any = None) -> 'MetricsEndpoint | None':
+        """Serve the metrics when ``[metrics] listen`` is set (else ``None``); *admission*
+        (:class:`~xos_sshd.admission.Admission`): its refusals are exported too.
 
         Raises ``OSError`` when the address cannot be bound (the gateway does not start).
         """
@@ -214,6 +253,8 @@ class MetricsEndpoint:
         if settings is None or settings.listen is None:
             return None
         endpoint = cls(Metrics(), audit, ams, jobs, settings.refresh_seconds)
+        if admission is not None:
+            endpoint.metrics.count_refusals(admission.counters)
         await endpoint.refresh()
         audit.subscribe(endpoint._observe)
         try:

@@ -317,12 +317,12 @@ async def dump(pid: int, images_dir: str, account: LocalAccount, leave_running: 
 
     With *namespace* (a job), *pid* is the root's pid inside the job's PID namespace and CRIU
     runs inside the job's namespaces; without it, *pid* is a host pid.  With
-    *leave_running* the tree goes on after the dump; without, it is killed once the images
-    are complete (in a job namespace: left frozen by CRIU, then the namespace is killed).
-    *keep_stopped* (migration) leaves the tree stopped and alive whatever *leave_running*
-    says: the caller then ends it (:func:`kill_namespace`) or lets it go on
-    (:func:`thaw_namespace`).  *log_path*, if given, receives CRIU's whole log (written by
-    root: give a root-owned location).
+    *leave_running* the tree goes on after the dump.  Without, in a job namespace, the tree
+    is left stopped and alive once the images are complete (``--leave-stopped``), as with
+    *keep_stopped* (which says so whatever *leave_running* says: migration): the caller then
+    ends it (:func:`kill_namespace`, once the images are safely kept) or lets it go on
+    (:func:`thaw_namespace`); a host-pid tree is killed by CRIU.  *log_path*, if given,
+    receives CRIU's whole log (written by root: give a root-owned location).
 
     *pass_fds* (job namespace only) reach CRIU as the same numbers (a ``--ps-socket``) and
     are closed here once CRIU runs.  *images_ready(images_dir)* is called when a
@@ -332,7 +332,8 @@ async def dump(pid: int, images_dir: str, account: LocalAccount, leave_running: 
     path = find_criu(criu_path)
     # In a job namespace CRIU itself is a member of it: if CRIU killed the tree, the job init
     # would exit and take CRIU down mid-way.  So the tree is left stopped (frozen: nothing it
-    # does after the dump can happen), and the namespace is killed once CRIU is done.
+    # does after the dump can happen), and the caller kills the namespace once the images are
+    # kept -- or thaws it when they cannot be (a --stop checkpoint never loses the job).
     mode = (['--leave-stopped'] if keep_stopped
             else ['--leave-running'] if leave_running
             else ['--leave-stopped'] if namespace is not None else [])
@@ -358,8 +359,6 @@ async def dump(pid: int, images_dir: str, account: LocalAccount, leave_running: 
     if not ok:
         raise CriuError(f'criu dump of pid {pid} as {account.name} failed ({error}): '
                         f'{_first_error(log) or error}', log)
-    if namespace is not None and not leave_running and not keep_stopped:
-        kill_namespace(namespace, account.uid)
     return DumpResult(seconds, log)
 
 
@@ -388,9 +387,9 @@ def namespace_members(ns: JobNamespace, uid: int) -> list[int]:
 
 
 def thaw_namespace(ns: JobNamespace, uid: int) -> int:
-    """SIGCONT every process of a job left stopped by a ``keep_stopped`` dump (a migration
-    that did not happen: the job goes on where it stood).  Each process is pinned with a
-    pidfd and re-checked before the signal; returns how many were continued."""
+    """SIGCONT every process of a job left stopped by a dump (a migration or a ``--stop``
+    checkpoint that did not happen: the job goes on where it stood).  Each process is pinned
+    with a pidfd and re-checked before the signal; returns how many were continued."""
     done = 0
     for pid in namespace_members(ns, uid):
         try:

@@ -38,7 +38,7 @@ import shutil
 import signal
 import stat
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,8 @@ class Job:
 class Checkpoint:
     """A finished dump: where CRIU wrote it and how long the job was frozen for it;
     ``api_participants`` processes used the application API, and waiting for them (critical
-    sections, callbacks) took ``api_wait`` seconds before the dump."""
+    sections, callbacks) took ``api_wait`` seconds before the dump.  ``committed``: what the
+    *commit* step given to :meth:`JobManager.checkpoint` returned (the stored image)."""
 
     job: Job
     image_id: str
@@ -121,6 +122,7 @@ class Checkpoint:
     log: str
     api_participants: int = 0
     api_wait: float = 0.0
+    committed: Any = None
 
 
 @dataclass(frozen=True)
@@ -334,15 +336,25 @@ class JobManager:
     async def checkpoint(self, job_id: str, account: LocalAccount, *, stop: bool = False,
                          extra_args: Sequence[str] = (), timeout: float = 600.0,
                          api_timeout: float = API_TIMEOUT,
-                         dump_options: Mapping[str, Any] | None = None) -> Checkpoint:
+                         dump_options: Mapping[str, Any] | None = None,
+                         commit: Callable[[str, str], Awaitable[Any]] | None = None,
+                         ) -> Checkpoint:
         """Dump the job into a new spool image directory; the job goes on unless *stop*.
+
+        *commit(image_id, images_dir)* keeps the dump (the service's image store commit);
+        its result is ``Checkpoint.committed``.  With *stop* the job is never lost: the dump
+        leaves the tree frozen, *commit* runs, and only once it succeeded is the job's
+        namespace killed (job ``checkpointed``); if the dump or *commit* fails in any way,
+        the job is thawed (SIGCONT) and goes on where it was frozen, and the error is raised.
+        Without *stop*, *commit* runs after the job went on.
 
         *dump_options* go to :func:`criu.dump` as they are (a migration's ``keep_stopped``,
         ``pass_fds``, ``images_ready``: see :mod:`xos_sshd.cr.migrate`).
 
         Processes of the job that use the application API are told first: the dump waits for
         their critical sections (at most *api_timeout* s, else ``critical-section``) and
-        callbacks, and they hear ``continue`` (or ``aborted``) after it.
+        callbacks, and they hear ``continue`` (or ``aborted``) after it (with *stop*: only
+        ``aborted``, when the job goes on after all).
         """
         job = await self.running(job_id, account)
         assert job.pid is not None and job.root_pid is not None
@@ -364,26 +376,39 @@ class JobManager:
                     await apictl.resume(account, parts, 'aborted', reason, self.init_python)
                     raise JobError(prep.kind, f'checkpoint of job {job_id} refused by the job: '
                                    f'{reason}')
+            committed = None
             try:
+                # With stop, a failed dump thaws the job itself (_dump).
                 image_id, images_dir, res = await self._dump(job, account, root_host, stop,
                                                              extra_args, timeout, dump_options)
+                if stop:  # the tree is frozen: keep the image first, then end the job
+                    try:
+                        committed = await commit(image_id, images_dir) if commit else None
+                    except BaseException:
+                        criu.thaw_namespace(job.namespace, job.uid)  # it goes on
+                        raise
             except BaseException as exc:
                 # API hook 2a: no checkpoint after all.
                 if parts:
                     await apictl.resume(account, parts, 'aborted', str(exc).split('\n')[0],
                                         self.init_python)
                 raise
-            # API hook 2b: the checkpoint was taken (with --stop the job is gone).
-            if parts and not stop:
+            if stop:
+                try:  # marked first: the poll loop would take a killed 'running' job for exited
+                    await self._ended(job, 'checkpointed', f'stopped by checkpoint {image_id}')
+                finally:
+                    criu.kill_namespace(job.namespace, job.uid)
+            elif parts:  # API hook 2b: the checkpoint was taken, the job goes on
                 await apictl.resume(account, parts, 'continue', '', self.init_python)
         finally:
             self._checkpointing.discard(job_id)
         await self.table.update(job_id, last_image=image_id)
-        if stop:
-            await self._ended(job, 'checkpointed', f'stopped by checkpoint {image_id}')
+        if not stop and commit is not None:
+            committed = await commit(image_id, images_dir)
         got = await self.table.get(job_id)
         assert got is not None
-        return Checkpoint(got, image_id, images_dir, res.seconds, res.log, len(parts), api_wait)
+        return Checkpoint(got, image_id, images_dir, res.seconds, res.log, len(parts), api_wait,
+                          committed)
 
     async def _dump(self, job: Job, account: LocalAccount, root_host: int, stop: bool,
                     extra_args: Sequence[str], timeout: float,
@@ -397,12 +422,18 @@ class JobManager:
         image_id = 'i' + secrets.token_hex(8)
         images_dir = self._make_image_dir(account, image_id)
         try:
+            # Without leave_running the tree is left frozen (criu.dump): the caller ends it.
             res = await criu.dump(job.root_pid or 0, images_dir, account, leave_running=not stop,
                                   namespace=job.namespace, criu_path=self.criu_path,
                                   extra_args=extra_args, timeout=timeout, **(dump_options or {}))
-        except criu.CriuError as exc:
+        except BaseException as exc:  # CRIU failed, timed out or was cancelled
+            if stop:  # CRIU resumes the tree when it fails; a CRIU killed midway may not
+                criu.thaw_namespace(job.namespace, job.uid)
+            if not isinstance(exc, criu.CriuError):
+                raise
             shutil.rmtree(images_dir, ignore_errors=True)
-            raise JobError('checkpoint-failed', f'checkpoint of job {job.id} failed: {exc}') from None
+            raise JobError('checkpoint-failed',
+                           f'checkpoint of job {job.id} failed: {exc}') from None
         return image_id, images_dir, res
 
     async def restore(self, images_dir: str, account: LocalAccount, *,

@@ -360,16 +360,32 @@ class CRService:
         stop = self._flag(request, 'stop')
         job = await self.job_of(caller, job_id)
         await self._quota_preflight(caller)
-        ck = await self.jobs.checkpoint(job.id, caller.account, stop=stop)
-        try:
-            info = await self.images.commit(ck.images_dir, caller.account, caller.owner,
-                                            job.id, tuple(job.command), self.criu_version)
-        except Exception as exc:
-            shutil.rmtree(ck.images_dir, ignore_errors=True)
-            if stop:  # the dump ended the job: say so, the image went with the error
-                raise CRError(getattr(exc, 'reason', 'checkpoint-failed'),
-                              f'{exc} (the job was stopped by the checkpoint and is gone)') from exc
-            raise
+        dumped = False
+
+        async def commit(image_id: str, images_dir: str) -> ImageInfo:
+            nonlocal dumped
+            dumped = True
+            try:
+                return await self.images.commit(images_dir, caller.account, caller.owner,
+                                                job.id, tuple(job.command), self.criu_version)
+            except BaseException:
+                shutil.rmtree(images_dir, ignore_errors=True)
+                raise
+
+        try:  # with stop, the job ends only once the image is committed (JobManager)
+            ck = await self.jobs.checkpoint(job.id, caller.account, stop=stop, commit=commit)
+        except (CRError, JobError, ImageError) as exc:
+            if not stop or not (dumped or exc.reason == 'checkpoint-failed'):
+                raise
+            # The dump failed or the store refused the image (byte quota...): the job was
+            # thawed and runs on (JobManager.checkpoint).
+            running = process_alive(job.pid, job.starttime, job.uid)
+            first, nl, rest = str(exc).partition('\n')  # a CRIU log tail stays last
+            refusal = CRError(exc.reason, f'{first}; job {job.id} '
+                              f'{"still runs" if running else "is not running any more"}{nl}{rest}')
+            refusal.audit_fields = {'running': running}  # type: ignore[attr-defined]
+            raise refusal from exc
+        info: ImageInfo = ck.committed
         if info.id != ck.image_id:
             await self.jobs.table.update(job.id, last_image=info.id)
         self._audit(caller, 'checkpoint', job=job.id, image=info.id, stop=stop,
@@ -380,7 +396,8 @@ class CRService:
 
     async def _quota_preflight(self, caller: Caller) -> None:
         """Refuse a checkpoint the image store would refuse anyway for the image count, before
-        anything is dumped (a ``--stop`` dump would otherwise end the job for nothing)."""
+        anything is dumped (the job is not even frozen for nothing; the byte quota can only
+        be known after the dump, and a ``--stop`` job then goes on: see ``_checkpoint``)."""
         limit = getattr(self.images, 'quota_count', None)
         if isinstance(limit, int) and limit > 0:
             have = len(await self.images.list(caller.account.uid))

@@ -7,8 +7,11 @@ touches descriptors here; the child was started by :func:`spawn_as`.
 
 Each session leaves an ``open`` and a ``close`` audit event (``SessionContext.on_event``;
 docs/internals.md, "Audit events"): kind ``shell``, ``exec`` or ``subsystem`` (with its
-name), pid, tty, exit status or signal, duration.  Like sshd, never the command text: a
-command line may carry secrets, and the account, time and pid are what an admin traces.
+name), pid, tty, exit status or signal, duration.  A session refused before its process ran
+leaves one ``open`` event with outcome ``refused`` instead (with ``[session] pam``: written
+once the PAM helper said whether PAM opened the session).  Like sshd, never the command
+text: a command line may carry secrets, and the account, time and pid are what an admin
+traces.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..config import SessionConfig
 from . import libc
 from .environment import session_environment
 from .fdio import FdReader, FdWriter
+from .pamsession import PamSessionProcess
 from .spawn import SpawnError, Stdio, spawn_as
 
 log = logging.getLogger(__name__)
@@ -237,7 +241,20 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         self._loop.add_reader(self._pidfd, self._child_exited)
         log.info('session started for %s (%s) pid %d: %s', account.name, self._ctx.peer_host,
                  self._proc.pid, 'shell' if self._command is None else 'exec')
-        self._opened(pid=self._proc.pid, tty=self._tty_line or None)
+        if isinstance(self._proc, PamSessionProcess):  # opened once PAM said so
+            self._proc.watch(self._loop, self._pam_verdict)
+        else:
+            self._opened(pid=self._proc.pid, tty=self._tty_line or None)
+
+    def _pam_verdict(self, outcome: str, reason: str, text: str) -> None:
+        """The PAM helper said how the session went: one ``open`` line, ok or refused (a
+        refused session has no ``close`` line; its exit status 255 goes to the client)."""
+        assert self._proc is not None
+        fields = {'pid': self._proc.pid, 'tty': self._tty_line or None}
+        if outcome == 'ok':
+            self._opened(**fields)
+        else:
+            self._audit('open', 'refused', reason=reason, message=text, **fields)
 
     def _start_with_pty(self, shell: str, argv: list[str], env: dict[str, str]) -> None:
         assert self._term is not None

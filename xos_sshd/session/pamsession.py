@@ -35,7 +35,11 @@ What the helper does, as root, in sshd's order (``UsePAM yes``):
 
 Any failure in 2-4 refuses the session: one line on the session's stderr (``xos-sshd:
 session refused: pam_open_session: ...``), exit status 255, and the reason reported to the
-gateway on the status pipe, which logs it.  What the helper trusts is what the gateway sends
+gateway on the status pipe (``refused pam-refused TEXT`` for a PAM call, ``refused
+spawn-failed TEXT`` otherwise), which logs it.  The gateway reads that pipe while the helper
+runs (:meth:`PamSessionProcess.watch`), so its audit log has one ``session open`` line that
+says whether the session opened (``started PID``) or was refused, never an ``open`` of a
+session PAM refused.  What the helper trusts is what the gateway sends
 on the request descriptor (the gateway's own data: account, command, environment), nothing
 from the network; it never opens a path of the user's (PAM modules do what the admin's
 stack tells them, as under sshd).
@@ -55,11 +59,13 @@ import signal
 import stat
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .spawn import RLimit, SpawnError, Stdio, apply_rlimits, popen_as
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ..ams import LocalAccount
     from ..config import SessionConfig
 
@@ -67,6 +73,9 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a refused session (as when the gateway cannot start one).
 REFUSED = 255
+#: Audit reasons of a refused session: a PAM call failed; anything else failed.
+PAM_REFUSED = 'pam-refused'
+SPAWN_FAILED = 'spawn-failed'
 #: Never replaced by the PAM environment; names with these prefixes are dropped from it.
 PROTECTED_ENV = frozenset({'HOME', 'USER', 'LOGNAME', 'SHELL', 'SSH_AUTH_SOCK'})
 DROPPED_ENV_PREFIXES = ('SSH_AUTH_INFO', 'SSH_CONNECTION')
@@ -85,12 +94,21 @@ _PR_SET_DUMPABLE = 4
 
 
 class PamSessionProcess(subprocess.Popen):  # type: ignore[type-arg]
-    """The helper, as the gateway sees it: a ``Popen`` whose end also logs the helper's report
-    (the PAM refusal, or warnings from closing the session)."""
+    """The helper, as the gateway sees it: a ``Popen`` whose status pipe is read (and logged:
+    the PAM refusal, warnings from closing the session) as the helper writes it, and to its
+    end once the helper has exited (:meth:`poll`, :meth:`wait`)."""
 
     status_fd = -1
     account = ''
     service = ''
+    #: The user's process pid as the helper reported it (``started PID``), once it did.
+    started = ''
+    #: ``(reason, text)`` of a refused session (``refused REASON TEXT``), once reported.
+    refusal: tuple[str, str] | None = None
+    _pending = b''
+    _taken = 0
+    _watching: asyncio.AbstractEventLoop | None = None
+    _on_verdict: Callable[[str, str, str], None] | None = None
 
     def poll(self) -> int | None:
         code = super().poll()
@@ -103,35 +121,92 @@ class PamSessionProcess(subprocess.Popen):  # type: ignore[type-arg]
         self._collect()
         return code
 
-    def _collect(self) -> None:
-        """Read what the (exited) helper wrote on its status pipe, log it, close the pipe."""
-        fd, self.status_fd = self.status_fd, -1
-        if fd < 0:
-            return
-        data = b''
+    def watch(self, loop: asyncio.AbstractEventLoop,
+              on_verdict: Callable[[str, str, str], None]) -> None:
+        """Call ``on_verdict(outcome, reason, text)`` once, as soon as the helper said how the
+        session went: ``('ok', '', '')`` when the user's process runs, ``('refused', reason,
+        text)`` when PAM (``pam-refused``) or the start (``spawn-failed``) refused it, or
+        when the helper ended without a word.  Called from *loop*, or from :meth:`poll`."""
+        self._on_verdict = on_verdict
+        if self.status_fd >= 0:
+            loop.add_reader(self.status_fd, self._readable)
+            self._watching = loop
+        else:
+            self._verdict(ended=True)
+
+    def _readable(self) -> None:
+        ended = self._read()
+        if ended or self.started or self.refusal is not None:
+            self._unwatch()  # the rest is read when the helper has exited
+        self._verdict()
+
+    def _unwatch(self) -> None:
+        if self._watching is not None:
+            self._watching.remove_reader(self.status_fd)
+            self._watching = None
+
+    def _read(self) -> bool:
+        """Take the lines the helper wrote so far (at most 8 KiB in all); True at EOF."""
         try:
-            while len(data) < 4 * _MAX_REPORT:
-                chunk = os.read(fd, 4096)
+            while self._taken < 4 * _MAX_REPORT:
+                chunk = os.read(self.status_fd, 4096)
                 if not chunk:
-                    break
-                data += chunk
+                    return True
+                self._taken += len(chunk)
+                *lines, self._pending = (self._pending + chunk).split(b'\n')
+                for line in lines:
+                    self._line(line.decode(errors='replace'))
         except BlockingIOError:
-            pass
-        finally:
-            os.close(fd)
-        for line in data.decode(errors='replace').splitlines():
-            kind, _, text = line.partition(' ')
-            if kind == 'refused':
-                log.error('PAM session (service %s) for %s refused: %s', self.service,
-                          self.account, text)
-            elif kind == 'warning':
-                log.warning('PAM session (service %s) for %s: %s', self.service, self.account,
-                            text)
-            elif kind == 'note':
-                log.debug('PAM session (service %s) for %s: %s', self.service, self.account, text)
-            elif kind == 'started':
+            return False
+        return True  # enough: the rest is not read
+
+    def _line(self, line: str) -> None:
+        kind, _, text = line.partition(' ')
+        if kind == 'refused':
+            reason, _, rest = text.partition(' ')
+            self.refusal = ((reason, rest) if reason in (PAM_REFUSED, SPAWN_FAILED)
+                            else (PAM_REFUSED, text))
+            log.error('PAM session (service %s) for %s refused: %s', self.service,
+                      self.account, self.refusal[1])
+        elif kind == 'warning':
+            log.warning('PAM session (service %s) for %s: %s', self.service, self.account, text)
+        elif kind == 'note':
+            log.debug('PAM session (service %s) for %s: %s', self.service, self.account, text)
+        elif kind == 'started':
+            self.started = text
+
+    def _verdict(self, ended: bool = False) -> None:
+        callback = self._on_verdict
+        if callback is None:
+            return
+        if self.refusal is not None:
+            verdict = ('refused', *self.refusal)
+        elif self.started:
+            verdict = ('ok', '', '')
+        elif ended:
+            verdict = ('refused', SPAWN_FAILED, f'the PAM session helper ended (status '
+                       f'{self.returncode}) before the session opened')
+        else:
+            return
+        self._on_verdict = None
+        callback(*verdict)
+
+    def _collect(self) -> None:
+        """Read the rest of what the (exited) helper wrote, log it, close the pipe."""
+        if self.status_fd >= 0:
+            self._unwatch()
+            try:
+                self._read()
+                if self._pending:
+                    self._line(self._pending.decode(errors='replace'))
+                    self._pending = b''
+            finally:
+                os.close(self.status_fd)
+                self.status_fd = -1
+            if self.started:
                 log.info('PAM session (service %s) for %s closed (user process %s)',
-                         self.service, self.account, text)
+                         self.service, self.account, self.started)
+        self._verdict(ended=True)
 
 
 def launch(session: SessionConfig, account: LocalAccount, groups: Sequence[int],
@@ -291,6 +366,15 @@ def unsafe_path(path: str) -> str | None:
     return None
 
 
+def _refusal_reason(exc: BaseException) -> str:
+    """``pam-refused`` for a failed PAM call, ``spawn-failed`` for anything else."""
+    try:
+        from .pamlib import PamError
+    except ImportError:  # cffi missing: nothing PAM could have refused
+        return SPAWN_FAILED
+    return PAM_REFUSED if isinstance(exc, PamError) else SPAWN_FAILED
+
+
 def _write(fd: int, text: str) -> None:
     try:
         os.write(fd, text.encode(errors='replace'))
@@ -350,7 +434,7 @@ def main(argv: Sequence[str]) -> None:
         for message in helper.messages:
             _write(2, message + '\n')
         _write(2, f'xos-sshd: session refused: {text}\n')
-        helper.report('refused', text)
+        helper.report('refused', f'{_refusal_reason(exc)} {text}')
         helper.close()
         os._exit(REFUSED)
     helper.report('started', str(child.pid))
