@@ -1,17 +1,34 @@
 #!/usr/bin/env python3
-"""Load on loopback: 1,000 concurrent sessions on one xos-sshd, then 200 logins/s with hostile certs.
+"""Load on loopback: 1,000 sessions on xos-sshd, then 200 logins/s on it and on OpenSSH's sshd.
 
-One real ``xos-sshd`` (started here, ``log_level = "warning"``, dynamic VO) and asyncssh clients
-in this one process (uvloop):
+One real ``xos-sshd`` (started here, ``log_level = "warning"``, dynamic VO), one stock OpenSSH
+``sshd`` (bench/openssh_ref.py: ``TrustedUserCAKeys`` = the same VO CA, the certificates'
+principals mapped to root by ``AuthorizedPrincipalsFile``, no PAM, ``MaxStartups`` as the
+gateway's) and asyncssh clients in this one process (uvloop), offering both servers the same
+algorithms (:data:`CLIENT_ALGS`: curve25519-sha256, aes128-gcm, ssh-ed25519 host key):
 
-Phase 1  open ``--sessions`` connections (at most ``--open-concurrency`` handshakes at a time),
-         each with a session running ``cat`` as the mapped account; a session is *held* when,
-         with all of them open at once, it echoes a line back.  Then close them all.
-Phase 2  for ``--duration`` s, start logins at ``--rate``/s on an open-loop schedule (a start
-         is skipped, and counted, when ``--max-inflight`` logins are already running): 80 %
-         valid (X.509 and OpenSSH-certificate routes, exec ``true``, exit status 0) and 20 %
-         hostile (expired, foreign CA of the same VO name, revoked, tampered TBS, plain key,
-         valid cert asking for ``root``).  A valid login must be accepted, a hostile one refused.
+Phase 1  open ``--sessions`` connections to xos-sshd (at most ``--open-concurrency``
+         handshakes at a time), each with a session running ``cat`` as the mapped account; a
+         session is *held* when, with all of them open at once, it echoes a line back.  Then
+         close them all.
+Phase 2  legs of ``--duration`` s each, every one starting logins at ``--rate``/s on an
+         open-loop schedule (a start is skipped, and counted, when ``--max-inflight`` logins
+         are already running), one after the other:
+         * xos-sshd, mixed: 80 % valid (X.509 and OpenSSH-certificate routes, exec ``true``,
+           exit status 0) and 20 % hostile (expired, foreign CA of the same VO name, revoked,
+           tampered TBS, plain key, valid cert asking for ``root``).  A valid login must be
+           accepted, a hostile one refused.
+         * xos-sshd and OpenSSH sshd, same load: only the valid OpenSSH-certificate logins (the
+           same key and certificate objects, exec ``true``, exit 0; as root on OpenSSH), in
+           turn (which server goes first alternates by round).
+         ``logins_per_s`` is the mixed leg's completed logins (accepted or refused) per second;
+         ``logins_per_s_ratio`` compares the two same-load legs (``xos_cert_logins_per_s`` /
+         ``openssh_logins_per_s``).  The offered 200/s is beyond what a 2-core machine
+         completes for either server (the client shares the machine), so the rates measure
+         capacity on this machine and are noisy; the ratio, taken minutes apart on the same
+         machine with the same client, is the comparable figure.  The table also gives p50/p99
+         latency and server CPU per login (the listening process and all its descendants: the
+         per-connection sshd processes, the sessions; reaped children included).
 
 The gateway's ``[limits]`` are set for a load test from one machine (see :data:`LIMITS`, printed
 at start): every client connects from 127.0.0.1, so loopback is exempt from the per-source
@@ -24,13 +41,14 @@ gateway facing the internet; tests/test_limits.py shows them bite.
 Gateway RSS (VmRSS) and open fds are read from /proc before phase 1 (after a warm-up login of
 every user, so the mappings exist), with the sessions held, after phase 1, and after phase 2
 (after ``--settle`` s); ``--rounds N`` repeats phase 2 to tell a leak from a high-water
-mark.  Exits 1 when a valid login was refused or a hostile one accepted (or the gateway died).
-The fd limit is raised to the hard limit here and the gateway inherits it: it needs about
-5 fds per exec session (socket, pidfd, 3 pipes).
+mark.  Exits 1 when a valid login was refused (by either server) or a hostile one accepted
+(or a server died).  The fd limit is raised to the hard limit here and both servers inherit
+it: the gateway needs about 5 fds per exec session (socket, pidfd, 3 pipes).
 
-Installs nothing (run `make test` once first, for the venv); run as root:
+Installs nothing (run `make test` once first, for openssh-server and the venv); run as root:
     .venv/bin/python bench/load.py [--sessions 1000] [--rate 200] [--duration 30]
-Ends with: RESULT sessions_held=<n> logins_per_s=<n> rss_growth_mb=<n>
+Ends with: RESULT sessions_held=<n> logins_per_s=<n> rss_growth_mb=<n> openssh_logins_per_s=<n>
+           logins_per_s_ratio=<xos/openssh> xos_cert_logins_per_s=<n>
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -65,11 +84,17 @@ from gatewayproc import (
     release_uid_range,
 )
 
+from openssh_ref import OpenSSHServer, start_openssh
+
 from xos_sshd.auth.ca import CertificateAuthority, issue
 
 VO = 'load'
 NOFILE_WANTED = 65536
 LOGIN_TIMEOUT = 30.0  # one client login, handshake to exit status
+#: What the client offers, to both servers: the reference's config (bench/openssh_ref.py)
+#: allows only these, so xos-sshd is held to the same crypto.
+CLIENT_ALGS = {'kex_algs': ['curve25519-sha256'], 'encryption_algs': ['aes128-gcm@openssh.com'],
+               'server_host_key_algs': ['ssh-ed25519']}
 #: The gateway's [limits] for this benchmark (module docstring: why not the defaults).
 LIMITS = {'penalty_exempt': ['127.0.0.0/8', '::1/128'], 'max_startups': '2000:30:4000',
           'max_startups_per_source': 0, 'max_sessions_per_account': 0}
@@ -93,7 +118,7 @@ def _options(login: str, key: asyncssh.SSHKey, cert: object | None) -> asyncssh.
     return asyncssh.SSHClientConnectionOptions(
         username=login, known_hosts=None, agent_path=None, client_keys=keys, config=[],
         password=None, kbdint_auth=False, gss_host=None, host_based_auth=False,
-        connect_timeout=LOGIN_TIMEOUT)
+        connect_timeout=LOGIN_TIMEOUT, **CLIENT_ALGS)
 
 
 def _ssh_key(private) -> asyncssh.SSHKey:
@@ -187,6 +212,48 @@ def snapshot(label: str, pid: int, uid_range: tuple[int, int]) -> Snapshot:
         kinds[target.split(':[')[0] if ':[' in target else target] += 1
     return Snapshot(label, int(fields['VmRSS'].split()[0]), sum(kinds.values()),
                     int(fields['Threads']), count_uid_processes(uid_range), cpu, kinds)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of *pid* and all its descendants, live ones and those already reaped
+    (cutime and cstime: sshd and the gateway wait for their children at every level)."""
+    tick = os.sysconf('SC_CLK_TCK')
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                stat = Path(f'/proc/{entry}/stat').read_text()
+                stats[int(entry)] = stat.rsplit(')', 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    if pid not in stats:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    for p, st in stats.items():
+        children.setdefault(int(st[1]), []).append(p)
+    total = sum(int(x) for x in stats[pid][11:15])
+    todo = list(children.get(pid, ()))
+    while todo:
+        p = todo.pop()
+        total += sum(int(x) for x in stats[p][11:15])
+        todo += children.get(p, ())
+    return total / tick
+
+
+def count_descendants(pid: int) -> int:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry))
+    n, todo = 0, list(kids.get(pid, ()))
+    while todo:
+        n += 1
+        todo += kids.get(todo.pop(), ())
+    return n
 
 
 def count_uid_processes(uid_range: tuple[int, int]) -> int:
@@ -347,9 +414,23 @@ async def login(port: int, cred: Cred) -> str:
     return await asyncio.wait_for(attempt(), LOGIN_TIMEOUT)
 
 
-async def phase2(port: int, valid: list[Cred], hostile: list[Cred], rate: float,
-                 duration: float, max_inflight: int, hostile_every: int,
-                 tally: Tally) -> float:
+def mix(valid: list[Cred], hostile: list[Cred], hostile_every: int) -> Callable[[int], Cred]:
+    """Slot i's credential: hostile in 1 slot of *hostile_every* (none when 0), else valid;
+    each list taken in turn."""
+    turn = {'valid': 0, 'hostile': 0}
+
+    def pick(i: int) -> Cred:
+        kind = 'hostile' if hostile_every and i % hostile_every == hostile_every - 1 else 'valid'
+        creds = hostile if kind == 'hostile' else valid
+        turn[kind] += 1
+        return creds[(turn[kind] - 1) % len(creds)]
+    return pick
+
+
+async def phase2(port: int, pick: Callable[[int], Cred], rate: float, duration: float,
+                 max_inflight: int, tally: Tally) -> float:
+    """One leg: logins started at *rate*/s for *duration* s; seconds from the first start
+    to the last completion."""
     loop = asyncio.get_running_loop()
     inflight: set[asyncio.Task[None]] = set()
 
@@ -367,7 +448,6 @@ async def phase2(port: int, valid: list[Cred], hostile: list[Cred], rate: float,
         tally.last_done = time.monotonic()
 
     total = int(rate * duration)
-    vi = hi = 0
     t_start = time.monotonic()
     start = loop.time()
     for i in range(total):
@@ -379,11 +459,7 @@ async def phase2(port: int, valid: list[Cred], hostile: list[Cred], rate: float,
         if len(inflight) >= max_inflight:
             tally.skipped += 1
             continue
-        if i % hostile_every == hostile_every - 1:
-            cred, hi = hostile[hi % len(hostile)], hi + 1
-        else:
-            cred, vi = valid[vi % len(valid)], vi + 1
-        task = asyncio.create_task(one(cred))
+        task = asyncio.create_task(one(pick(i)))
         inflight.add(task)
         task.add_done_callback(inflight.discard)
         tally.started += 1
@@ -420,16 +496,67 @@ async def warm_up(port: int, valid: list[Cred]) -> None:
             raise SystemExit(f'warm-up {cred.kind} login refused')
 
 
-async def settle(pid: int, uid_range: tuple[int, int], seconds: float) -> None:
-    """Wait until no session process is left (at most *seconds*), then a little more."""
+async def settle(busy: Callable[[], int], seconds: float) -> None:
+    """Wait until *busy* () counts no process left (at most *seconds*), then a little more."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and count_uid_processes(uid_range):
+    while time.monotonic() < deadline and busy():
         await asyncio.sleep(0.2)
     await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
-async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
-              hostile: list[Cred], uid_range: tuple[int, int]) -> int:
+@dataclass
+class Leg:
+    """One server under one load in phase 2, summed over the rounds."""
+
+    server: str
+    load: str
+    port: int
+    pid: int  # the server's listening process
+    pick: Callable[[int], Cred]
+    idle: Callable[[], int]  # processes still busy (for settle)
+    tally: Tally = field(default_factory=Tally)
+    elapsed: float = 0.0
+    own_cpu: float = 0.0  # the listening process alone
+    server_cpu: float = 0.0  # it and every descendant (per-connection sshd, session processes)
+    client_cpu: float = 0.0
+
+    def count(self, valid: bool, outcome: str) -> int:
+        return sum(n for (kind, o), n in self.tally.outcomes.items()
+                   if kind.startswith('valid') == valid and o == outcome)
+
+    @property
+    def completed(self) -> int:
+        return sum(n for (_, o), n in self.tally.outcomes.items() if o != 'error')
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def own_cpu(pid: int) -> float:
+    stat = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf('SC_CLK_TCK')
+
+
+async def run_leg(leg: Leg, args: argparse.Namespace) -> None:
+    """One leg of phase 2, then settle; CPU is read after the settle, once every session
+    process has been reaped (its CPU is then in the server's cutime)."""
+    t0, o0, c0 = tree_cpu(leg.pid), own_cpu(leg.pid), sum(os.times()[:2])
+    leg.elapsed += await phase2(leg.port, leg.pick, args.rate, args.duration, args.max_inflight,
+                                leg.tally)
+    leg.client_cpu += sum(os.times()[:2]) - c0
+    await settle(leg.idle, args.settle)
+    leg.server_cpu += tree_cpu(leg.pid) - t0
+    leg.own_cpu += own_cpu(leg.pid) - o0
+
+
+def ms(seconds: float) -> str:
+    return '-' if seconds != seconds else f'{seconds * 1000:.0f}'  # NaN: no sample
+
+
+async def run(args: argparse.Namespace, gw: GatewayProcess, sshd: OpenSSHServer,
+              valid: list[Cred], hostile: list[Cred], reference: list[Cred],
+              uid_range: tuple[int, int]) -> int:
     pid = gw.proc.pid
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -437,7 +564,12 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
     snaps: list[Snapshot] = []
     client_cpu0 = sum(os.times()[:2])
     await warm_up(gw.port, valid)
-    await settle(pid, uid_range, args.settle)
+    for cred in reference[:2]:
+        if (outcome := await login(sshd.port, cred)) != 'accepted':
+            raise SystemExit(f'OpenSSH reference: warm-up login was {outcome}\n'
+                             f'{sshd.log()[-2000:]}')
+    gw_idle = lambda: count_uid_processes(uid_range)  # noqa: E731
+    await settle(gw_idle, args.settle)
     snaps.append(snapshot('before', pid, uid_range))
 
     cpu_mark = {}
@@ -450,19 +582,24 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
     p1 = await phase1(gw.port, valid, args.sessions, args.open_concurrency, args.open_budget,
                       on_held)
     cpu_mark['p1_client'] = sum(os.times()[:2]) - c0
-    await settle(pid, uid_range, args.settle)
+    await settle(gw_idle, args.settle)
     snaps.append(snapshot('after phase 1', pid, uid_range))
 
-    tally, elapsed, p2_gw, p2_client = Tally(), 0.0, 0.0, 0.0
+    # Phase 2: per round the mixed load on xos-sshd, then the same valid OpenSSH-certificate
+    # logins on both servers in turn (which one first alternates by round).
+    certs = [c for c in valid if c.kind == 'valid-openssh']
+    sshd_pid = sshd.proc.pid
+    mixed = Leg('xos-sshd', f'mixed (1 in {args.hostile_every} hostile)', gw.port, pid,
+                mix(valid, hostile, args.hostile_every), gw_idle)
+    xos_same = Leg('xos-sshd', 'OpenSSH certs', gw.port, pid, mix(certs, [], 0), gw_idle)
+    ref = Leg('OpenSSH sshd', 'OpenSSH certs', sshd.port, sshd_pid, mix(reference, [], 0),
+              lambda: count_descendants(sshd_pid))
     for round_no in range(1, args.rounds + 1):
-        g0, c0 = snapshot('', pid, uid_range).cpu_s, sum(os.times()[:2])
-        elapsed += await phase2(gw.port, valid, hostile, args.rate, args.duration,
-                                args.max_inflight, args.hostile_every, tally)
-        p2_gw += snapshot('', pid, uid_range).cpu_s - g0
-        p2_client += sum(os.times()[:2]) - c0
-        await settle(pid, uid_range, args.settle)
+        for leg in (mixed, *((xos_same, ref) if round_no % 2 else (ref, xos_same))):
+            await run_leg(leg, args)
         snaps.append(snapshot('after phase 2' + (f'.{round_no}' if args.rounds > 1 else ''),
                               pid, uid_range))
+    tally, elapsed = mixed.tally, mixed.elapsed
     alive = gw.alive()
     audit = Counter((r.get('outcome'), r.get('reason')) for r in gw.audit()
                     if r.get('event') == 'login')
@@ -482,9 +619,9 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
               f'{s.cpu_s:>9.1f}')
 
     kinds = [c.kind for c in valid[:2]] + [c.kind for c in hostile]
-    print(f'\nphase 2: {tally.started} logins started in {args.rounds} x {args.duration:.0f} s at '
-          f'{args.rate:.0f}/s offered (1 in {args.hostile_every} hostile), '
-          f'{tally.skipped} skipped at {args.max_inflight} in flight, '
+    print(f'\nphase 2, xos-sshd, mixed load: {tally.started} logins started in {args.rounds} x '
+          f'{args.duration:.0f} s at {args.rate:.0f}/s offered (1 in {args.hostile_every} '
+          f'hostile), {tally.skipped} skipped at {args.max_inflight} in flight, '
           f'scheduler max lag {tally.max_lag * 1000:.0f} ms')
     print(f'{"kind":<14} {"accepted":>9} {"refused":>8} {"error":>6}')
     for kind in kinds:
@@ -496,14 +633,9 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
     # per hostile attempt.
     print('audit log, login lines (whole run): ' + ', '.join(
         f'{o} {r}: {n}' for (o, r), n in sorted(audit.items(), key=lambda kv: -kv[1])))
-    v_acc = sum(n for (k, o), n in tally.outcomes.items() if k.startswith('valid') and o == 'accepted')
-    v_ref = sum(n for (k, o), n in tally.outcomes.items() if k.startswith('valid') and o == 'refused')
-    v_err = sum(n for (k, o), n in tally.outcomes.items() if k.startswith('valid') and o == 'error')
-    h_acc = sum(n for (k, o), n in tally.outcomes.items() if not k.startswith('valid') and o == 'accepted')
-    h_ref = sum(n for (k, o), n in tally.outcomes.items() if not k.startswith('valid') and o == 'refused')
-    h_err = sum(n for (k, o), n in tally.outcomes.items() if not k.startswith('valid') and o == 'error')
-    completed = v_acc + v_ref + h_acc + h_ref
-    rate = completed / elapsed if elapsed > 0 else 0.0
+    v_acc, v_ref, v_err = (mixed.count(True, o) for o in ('accepted', 'refused', 'error'))
+    h_acc, h_ref, h_err = (mixed.count(False, o) for o in ('accepted', 'refused', 'error'))
+    rate = mixed.rate
     before, after = snaps[0], snaps[-1]
     rss_growth = (after.rss_kb - before.rss_kb) / 1024
     fd_growth = after.fds - before.fds
@@ -514,13 +646,13 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
         ('hostile refused', h_ref), ('hostile_accepted', h_acc), ('hostile errored', h_err),
         ('logins completed per s', f'{rate:.1f}'),
         ('valid accepted per s', f'{v_acc / elapsed:.1f}' if elapsed > 0 else '-'),
-        ('valid latency p50 ms', f'{pct(tally.latency_valid, 0.5) * 1000:.0f}'),
-        ('valid latency p99 ms', f'{pct(tally.latency_valid, 0.99) * 1000:.0f}'),
-        ('hostile latency p50 ms', f'{pct(tally.latency_hostile, 0.5) * 1000:.0f}'),
-        ('hostile latency p99 ms', f'{pct(tally.latency_hostile, 0.99) * 1000:.0f}'),
-        ('gateway CPU in phase 2 (cores)', f'{p2_gw / elapsed:.2f}'),
-        ('client CPU in phase 2 (cores)', f'{p2_client / elapsed:.2f}'),
-        ('gateway CPU ms per login', f'{p2_gw / max(completed, 1) * 1000:.1f}'),
+        ('valid latency p50 ms', ms(pct(tally.latency_valid, 0.5))),
+        ('valid latency p99 ms', ms(pct(tally.latency_valid, 0.99))),
+        ('hostile latency p50 ms', ms(pct(tally.latency_hostile, 0.5))),
+        ('hostile latency p99 ms', ms(pct(tally.latency_hostile, 0.99))),
+        ('gateway CPU in phase 2 (cores)', f'{mixed.own_cpu / elapsed:.2f}'),
+        ('client CPU in phase 2 (cores)', f'{mixed.client_cpu / elapsed:.2f}'),
+        ('gateway CPU ms per login', f'{mixed.own_cpu / max(mixed.completed, 1) * 1000:.1f}'),
         ('rss growth MB (after2-before)', f'{rss_growth:.1f}'),
         ('rss growth MB (after2-after1)', f'{(after.rss_kb - snaps[2].rss_kb) / 1024:.1f}'),
         ('fd growth (after2-before)', fd_growth),
@@ -528,6 +660,40 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
     ]
     for name, value in rows:
         print(f'{name:<34} {value!s:>12}')
+
+    # The reference.  "server CPU" is the listening process and all its descendants (the
+    # per-connection sshd processes, the sessions' shells); "client" is this process.
+    print(f'\nphase 2, both servers: each leg offers {args.rate:.0f} logins/s for '
+          f'{args.duration:.0f} s (x {args.rounds}), at most {args.max_inflight} in flight; '
+          f'"OpenSSH certs" = the valid OpenSSH-certificate logins only (exec true, exit 0), '
+          f'the same key and certificate objects on both (OpenSSH maps their principals to '
+          f'root)')
+    print(f'{"server":<13} {"load":<24} {"started":>7} {"skipped":>7} {"accepted":>8} '
+          f'{"refused":>7} {"error":>5} {"done/s":>7} {"p50 ms":>7} {"p99 ms":>7} '
+          f'{"srv CPU ms/login":>16} {"srv cores":>9} {"client cores":>12}')
+    for leg in (mixed, xos_same, ref):
+        t = leg.tally
+        accepted = leg.count(True, 'accepted') + leg.count(False, 'accepted')
+        refused = leg.count(True, 'refused') + leg.count(False, 'refused')
+        errors = leg.count(True, 'error') + leg.count(False, 'error')
+        print(f'{leg.server:<13} {leg.load:<24} {t.started:>7} {t.skipped:>7} {accepted:>8} '
+              f'{refused:>7} {errors:>5} {leg.rate:>7.1f} {ms(pct(t.latency_valid, 0.5)):>7} '
+              f'{ms(pct(t.latency_valid, 0.99)):>7} '
+              f'{leg.server_cpu / max(leg.completed, 1) * 1000:>16.1f} '
+              f'{leg.server_cpu / max(leg.elapsed, 1e-9):>9.2f} '
+              f'{leg.client_cpu / max(leg.elapsed, 1e-9):>12.2f}')
+    for leg in (xos_same, ref):
+        for err, n in leg.tally.errors.most_common(3):
+            print(f'  {leg.server}: {n:>5} x {err}')
+    ratio = xos_same.rate / ref.rate if ref.rate > 0 else float('nan')
+
+    def quotient(a: float, b: float) -> str:
+        return f'{a / b:.2f}' if b > 0 and a == a and b == b else '-'
+    p50s = [pct(leg.tally.latency_valid, 0.5) for leg in (xos_same, ref)]
+    cpus = [leg.server_cpu / max(leg.completed, 1) for leg in (xos_same, ref)]
+    print(f'xos-sshd/OpenSSH, same load: logins/s {ratio:.3f}, p50 latency {quotient(*p50s)}, '
+          f'server CPU per login {quotient(*cpus)}')
+
     total_client = sum(os.times()[:2]) - client_cpu0
     print(f'(client CPU total {total_client:.1f} s; phase 1 {cpu_mark["p1_client"]:.1f} s)')
     problems = []
@@ -535,8 +701,14 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
         problems.append(f'{v_ref} valid login(s) refused')
     if h_acc:
         problems.append(f'{h_acc} hostile login(s) ACCEPTED')
+    if n := xos_same.count(True, 'refused'):
+        problems.append(f'{n} valid OpenSSH-certificate login(s) refused by xos-sshd')
+    if n := ref.count(True, 'refused'):
+        problems.append(f'{n} valid login(s) refused by the OpenSSH reference (its setup)')
     if not alive:
         problems.append('the gateway died')
+    if not sshd.alive():
+        problems.append('the OpenSSH reference died')
     if fd_growth > 0:
         extra = after.fd_kinds - before.fd_kinds
         print(f'WARNING: the gateway holds {fd_growth} more fds after the load than before: '
@@ -546,7 +718,9 @@ async def run(args: argparse.Namespace, gw: GatewayProcess, valid: list[Cred],
             print(f'  gateway log: {line[:200]}')
         if len(errors) > 5:
             print(f'  gateway log: ... {len(errors)} ERROR lines in all')
-    print(f'RESULT sessions_held={p1["held"]} logins_per_s={rate:.1f} rss_growth_mb={rss_growth:.1f}')
+    print(f'RESULT sessions_held={p1["held"]} logins_per_s={rate:.1f} rss_growth_mb={rss_growth:.1f} '
+          f'openssh_logins_per_s={ref.rate:.1f} logins_per_s_ratio={ratio:.3f} '
+          f'xos_cert_logins_per_s={xos_same.rate:.1f}')
     if problems:
         print('FAIL: ' + '; '.join(problems), file=sys.stderr)
         return 1
@@ -584,7 +758,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix='xos-bench-load-'))
     base.chmod(0o755)
     uid_range = free_uid_range(size=1000, start=400000)
-    gw = None
+    gw = sshd = None
     code = 1
     try:
         ca = VOCA.create(base, VO)
@@ -595,17 +769,29 @@ def main() -> int:
             'uid_range': list(uid_range), 'account_prefix': f'{VO}-',
             'home_base': str(base / 'home')}}, limits=LIMITS, log_level='warning')
         gw.start(debug=False)
+        # The reference: stock sshd trusting the same CA for OpenSSH user certificates, with the
+        # same startup headroom; the VO users' principals log in as root.
+        ca_line = CertificateAuthority.load(ca.dir).ssh_key().export_public_key('openssh')
+        sshd = start_openssh(base, user_ca=ca_line.decode(),
+                             principals=sorted({c.login for c in valid}),
+                             max_startups=LIMITS['max_startups'])
+        reference = [Cred(c.kind, 'root', asyncssh.SSHClientConnectionOptions(
+            options=c.options, username='root'), True) for c in valid if c.kind == 'valid-openssh']
         print('gateway [limits] for a single-machine load test: '
               + ', '.join(f'{k} = {v}' for k, v in LIMITS.items())
               + ' (loopback exempt from penalties; see the docstring)')
         print(f'xos-sshd pid {gw.proc.pid} on 127.0.0.1:{gw.port}; fd limit client '
               f'{nofile[0]}/{nofile[1]}, gateway {nofile_limit(gw.proc.pid)}; '
               + ', '.join(process_limits()))
+        print(f'reference: OpenSSH sshd pid {sshd.proc.pid} on 127.0.0.1:{sshd.port} '
+              f'(TrustedUserCAKeys = the VO CA, AuthorizedPrincipalsFile u000.. -> root, '
+              f'MaxStartups {LIMITS["max_startups"]}); client algorithms for both: '
+              + ', '.join(a[0] for a in CLIENT_ALGS.values()))
         # The gateway holds ~5 fds per exec session (socket, pidfd, 3 pipes), the client 1.
         if nofile[0] < 6 * args.sessions + 200:
             print(f'WARNING: an fd limit of {nofile[0]} is too low for {args.sessions} sessions '
                   f'(raise the hard limit: ulimit -Hn, or prlimit)')
-        code = uvloop.run(run(args, gw, valid, hostile, uid_range))
+        code = uvloop.run(run(args, gw, sshd, valid, hostile, reference, uid_range))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print('interrupted', file=sys.stderr)
         code = 130
@@ -616,6 +802,12 @@ def main() -> int:
                 tail = gw.log()[-3000:]
                 if tail:
                     print(f'--- gateway log (tail) ---\n{tail}', file=sys.stderr)
+        if sshd:
+            sshd.stop()
+            if code != 0:
+                tail = sshd.log()[-2000:]
+                if tail:
+                    print(f'--- OpenSSH reference log (tail) ---\n{tail}', file=sys.stderr)
         kill_uid_processes(*uid_range)
         release_uid_range(uid_range[0])
         shutil.rmtree(base, ignore_errors=True)

@@ -26,54 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
-from gatewayproc import GatewayProcess, VOCA, free_port, free_uid_range, kill_uid_processes  # noqa: E402
+from gatewayproc import GatewayProcess, VOCA, free_uid_range, kill_uid_processes  # noqa: E402
+from openssh_ref import start_openssh  # noqa: E402
 
 ALGS = ['-o', 'KexAlgorithms=curve25519-sha256', '-o', 'Ciphers=aes128-gcm@openssh.com',
         '-o', 'HostKeyAlgorithms=ssh-ed25519']
 COMMON = ['-F', '/dev/null', '-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=no',
           '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR',
           '-o', 'IdentitiesOnly=yes', *ALGS]
-
-
-def start_openssh(base: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """A stock sshd on 127.0.0.1 with pubkey auth for root from a private key file."""
-    sshd = shutil.which('sshd') or '/usr/sbin/sshd'
-    port = free_port()
-    subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(base / 'host')],
-                   check=True)
-    subprocess.run(['ssh-keygen', '-q', '-t', 'ecdsa', '-N', '', '-f', str(base / 'client')],
-                   check=True)
-    shutil.copy(base / 'client.pub', base / 'authorized_keys')
-    Path('/run/sshd').mkdir(mode=0o755, exist_ok=True)
-    (base / 'sshd_config').write_text(f'''Port {port}
-ListenAddress 127.0.0.1
-HostKey {base}/host
-PidFile {base}/sshd.pid
-AuthorizedKeysFile {base}/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-MaxStartups 200
-KexAlgorithms curve25519-sha256
-Ciphers aes128-gcm@openssh.com
-''')
-    proc = subprocess.Popen([sshd, '-D', '-e', '-f', str(base / 'sshd_config')],
-                            stderr=open(base / 'sshd.log', 'wb'))
-    _wait_port(port)
-    return proc, port, base / 'client'
-
-
-def _wait_port(port: int) -> None:
-    import socket
-    for _ in range(200):
-        try:
-            with socket.create_connection(('127.0.0.1', port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f'nothing listens on port {port}')
 
 
 def timed(argv: list[str]) -> float | None:
@@ -93,7 +53,10 @@ def main() -> int:
     uid_range = free_uid_range(start=400000)
     sshd = gw = None
     try:
-        sshd, sshd_port, client_key = start_openssh(base)
+        client_key = base / 'client'
+        subprocess.run(['ssh-keygen', '-q', '-t', 'ecdsa', '-N', '', '-f', str(client_key)],
+                       check=True)
+        sshd = start_openssh(base, authorized_keys=base / 'client.pub')
         ca = VOCA.create(base, 'bench')
         (base / 'home').mkdir(mode=0o755)
         gw = GatewayProcess.configure(base, {'bench': {
@@ -102,7 +65,7 @@ def main() -> int:
             'home_base': str(base / 'home')}}, log_level='warning')
         gw.start(debug=False)
         user = ca.issue('alice', base / 'alice')
-        openssh = ['ssh', *COMMON, '-i', str(client_key), '-p', str(sshd_port),
+        openssh = ['ssh', *COMMON, '-i', str(client_key), '-p', str(sshd.port),
                    'root@127.0.0.1', 'true']
         xos = ['ssh', *COMMON, '-i', f'{user}.key', '-o', f'CertificateFile={user}-cert.pub',
                '-p', str(gw.port), 'alice@127.0.0.1', 'true']
@@ -124,8 +87,7 @@ def main() -> int:
         if gw:
             gw.stop()
         if sshd:
-            sshd.terminate()
-            sshd.wait()
+            sshd.stop()
         kill_uid_processes(*uid_range)
         shutil.rmtree(base, ignore_errors=True)
 
