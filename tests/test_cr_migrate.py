@@ -233,6 +233,9 @@ def test_lazy_pages(lazy_sysctls: None, cr_env: dict[str, Any], ca: VOCA,  # noq
     assert 'using lazy-pages' in res.stderr
     assert jobs_of(a, alice)[job]['state'] == 'killed'
     assert jobs_of(b, alice)[moved]['state'] == 'running'
+    # Once the pull completed the job is no longer marked as waiting for its memory (a
+    # gateway restart would otherwise kill it: jobs.reconcile).
+    assert 'memory still arriving' not in jobs_of(b, alice)[moved]['detail']
     n = len(ints(count))
     resumed = counted(count, n + 10)[n:]
     assert resumed[0] >= before and resumed == list(range(resumed[0], resumed[0] + len(resumed)))

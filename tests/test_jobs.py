@@ -21,7 +21,14 @@ from xos_sshd.ams import LocalAccount
 from xos_sshd.ams.store import SCHEMA_VERSION, Store
 from xos_sshd.cr import criu
 from xos_sshd.cr import jobinit
-from xos_sshd.cr.jobs import JobError, JobManager, JobTable, process_alive, reconcile
+from xos_sshd.cr.jobs import (
+    LAZY_PULL_DETAIL,
+    JobError,
+    JobManager,
+    JobTable,
+    process_alive,
+    reconcile,
+)
 
 pytest_plugins = ["crfixtures"]  # fixtures: account, other_account, manager, store, cr_base
 
@@ -310,6 +317,23 @@ async def test_reconcile_at_gateway_start(manager: JobManager, account: LocalAcc
     assert (await manager.table.get(alive.id)).state == 'running'
     assert (await manager.table.get('jelsewhere')).state == 'running'  # another node's business
 
+
+
+async def test_reconcile_kills_a_job_whose_lazy_pull_never_completed(
+        manager: JobManager, account: LocalAccount, store: Store) -> None:
+    """A job restored with lazy pages whose gateway stopped mid-pull has holes in its memory:
+    at the next start it is killed and failed, never left running on zero pages."""
+    pulling = await manager.start(account, ['sleep', '600'])
+    settled = await manager.start(account, ['sleep', '600'])
+    await manager.table.update(pulling.id, detail=LAZY_PULL_DETAIL)
+    changed = await reconcile(JobTable(store), node='test')
+    assert changed == {pulling.id: 'failed'}
+    row = await manager.table.get(pulling.id)
+    assert row.state == 'failed' and 'lazy pages' in row.detail
+    await asyncio.to_thread(
+        wait_for, lambda: not process_alive(pulling.pid, pulling.starttime, pulling.uid))
+    assert process_alive(settled.pid, settled.starttime, settled.uid)
+    assert (await manager.table.get(settled.id)).state == 'running'
 
 async def test_another_account_cannot_restore_an_image(manager: JobManager, account: LocalAccount,
                                                        other_account: LocalAccount) -> None:

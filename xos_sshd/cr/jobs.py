@@ -49,6 +49,11 @@ from . import apictl, criu
 from .fdscan import NotCheckpointable, host_pid_of, process_table, scan
 from .nsjob import start_time
 
+#: The ``detail`` of a job restored with lazy pages whose memory is still being pulled from
+#: the source.  Such a job must not outlive its gateway: if the gateway stops before the pull
+#: completed, pages never pulled would read as zeros, so :func:`reconcile` kills it.
+LAZY_PULL_DETAIL = 'memory still arriving from the source (lazy pages)'
+
 JOB_STATES = ('starting', 'running', 'checkpointed', 'exited', 'killed', 'lost', 'failed')
 JOBS_DIR = '.xos-jobs'
 DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin'
@@ -528,7 +533,9 @@ async def reconcile(table: JobTable, node: str = '') -> dict[str, str]:
     """At gateway start: compare the table with the processes of this node.
 
     ``running`` rows whose init is gone (or is another process now) become ``lost``: the job
-    ended while no gateway was watching.  ``starting`` rows (a gateway died mid-start)
+    ended while no gateway was watching.  A running job whose lazy-pages pull never
+    completed (``LAZY_PULL_DETAIL``) is killed and becomes ``failed``: its memory has holes
+    (the source thawed the original when the pull broke).  ``starting`` rows (a gateway died mid-start)
     become ``failed`` (the helper's pid was never recorded; such a job's init, if it got
     that far, runs on unrecorded: the lead may kill processes of the account not in the table).
     Returns ``{job id: new state}``.
@@ -541,6 +548,10 @@ async def reconcile(table: JobTable, node: str = '') -> dict[str, str]:
             new, detail = 'failed', 'gateway stopped while starting'
         elif not process_alive(job.pid, job.starttime, job.uid):
             new, detail = 'lost', 'gone at gateway start'
+        elif job.detail == LAZY_PULL_DETAIL:
+            criu.kill_namespace(job.namespace, job.uid)
+            new, detail = 'failed', ('killed at gateway start: the gateway stopped before its '
+                                     'memory arrived from the source (lazy pages)')
         else:
             continue
         if await table.update(job.id, expect_state=job.state, state=new, ended=time.time(),

@@ -49,7 +49,7 @@ from typing import Any
 
 from . import criu, migimage
 from .images import ImageError
-from .jobs import JOBS_DIR, Job, JobError
+from .jobs import JOBS_DIR, LAZY_PULL_DETAIL, Job, JobError
 from .migcaps import MODES, job_memory
 from .pagestream import (
     ArchiveFeed,
@@ -583,6 +583,9 @@ class Inbound(Session):
             self.daemon = await criu.start_lazy_pages(self.restore_dir, work_dir, self.account,
                                                       fd, criu_path=jobs.criu_path)
             await self._restore(staged, hello, ['--lazy-pages', '--work-dir', work_dir])
+            assert self.job is not None
+            restored_detail = (await jobs.table.get(self.job.id) or self.job).detail
+            await jobs.table.update(self.job.id, detail=LAZY_PULL_DETAIL)
             self.step = STEP_PULL
             finish = asyncio.ensure_future(self.daemon.finish(TRANSFER_TIMEOUT))
             self.tasks.append(finish)
@@ -590,6 +593,7 @@ class Inbound(Session):
                 await finish
             except criu.CriuError as exc:
                 raise await self._why(STEP_PULL, exc) from None
+            await jobs.table.update(self.job.id, detail=restored_detail)
             await self.stream.send_message('complete')
         self.complete = True
         assert self.job is not None
