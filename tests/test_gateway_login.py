@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -158,9 +159,15 @@ def test_interactive_pty_session(gateway: GatewayProcess, dev_ca: VOCA, tmp_path
     assert uid_range[0] <= int(fields['U']) <= uid_range[1]
     assert fields['H'].endswith('/dev-alice') and fields['T'].startswith('/dev/pts/')
     # like sshd: a USER_PROCESS record at login and a DEAD_PROCESS record at logout in wtmp
-    wtmp = subprocess.run(['utmpdump', '/var/log/wtmp'], capture_output=True, text=True).stdout
+    # (written by the gateway's accounting thread: allow it a moment after the logout)
     line = fields['T'].removeprefix('/dev/')
-    ours = [l for l in wtmp.splitlines() if f'[{line} ' in l]
+    deadline = time.monotonic() + 10
+    while True:
+        wtmp = subprocess.run(['utmpdump', '/var/log/wtmp'], capture_output=True, text=True).stdout
+        ours = [l for l in wtmp.splitlines() if f'[{line} ' in l]
+        if (ours and ours[-1].startswith('[8]')) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert any(l.startswith('[7]') and '[dev-alice]' in l and '127.0.0.1' in l for l in ours)
     assert ours[-1].startswith('[8]')
 

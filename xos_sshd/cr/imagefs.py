@@ -33,6 +33,7 @@ import secrets
 import shutil
 import stat
 import struct
+import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -91,9 +92,23 @@ def remove(parent_fd: int, name: str) -> None:
             return
         except FileNotFoundError:
             return
+        except RecursionError:  # deeper than Python's recursion limit (a hostile tree)
+            _remove_deep(parent_fd, name)
+            return
         except OSError as exc:
             if attempt == 2:
                 log.warning('could not remove %s: %s', name, exc)
+
+
+def _remove_deep(parent_fd: int, name: str) -> None:
+    """Remove a tree too deep for ``shutil.rmtree`` with GNU ``rm -rf``, which walks it
+    iteratively and never follows a link; it is handed the tree through our descriptor of
+    its parent (``/proc/PID/fd/N/NAME``), so no path the account controls is resolved."""
+    path = f'/proc/{os.getpid()}/fd/{parent_fd}/{name}'
+    res = subprocess.run(['rm', '-rf', '--one-file-system', '--', path], capture_output=True,
+                         text=True, check=False, timeout=600)
+    if res.returncode != 0:
+        log.warning('could not remove %s: %s', name, res.stderr.strip()[:500])
 
 
 def prune(dir_fd: int, ttl: float) -> None:

@@ -79,6 +79,12 @@ STEP_STREAM = 'relay between the gateways'
 #: How long the lazy-pages daemon, a page server or a whole transfer may take.
 TRANSFER_TIMEOUT = 3600.0
 MAX_MESSAGES = 64
+#: Live migration streams allowed per account and on the whole gateway: each holds a worker
+#: thread while its archive moves, spool space, and a frozen or arriving job, so a user
+#: opening many (and stalling them with keepalives) must not starve everyone else.
+MAX_PER_ACCOUNT = 2
+MAX_PER_GATEWAY = 8
+_live_by_uid: dict[int, int] = {}
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOCKET_BUFFER = 4 << 20
 
@@ -273,13 +279,18 @@ class Session:
 
     async def run(self, stream: FrameStream) -> int:
         """Migrate over *stream*: 0 when done, 1 when it failed (undone as far as it can be;
-        ``_abort`` says how).  Cancelled (the gateway stopping): undone, then re-raised."""
+        ``_abort`` says how).  Cancelled (the gateway stopping): undone, then re-raised.
+        The whole run is bounded by :data:`TRANSFER_TIMEOUT`, whatever keepalives say."""
         self.stream = stream
+        uid = self.account.uid
+        _live_by_uid[uid] = _live_by_uid.get(uid, 0) + 1
         try:
+            _check_concurrency(uid, live_included=True)
             await self._setup()
             self.router = asyncio.ensure_future(self._route())
             self.keepalive = asyncio.ensure_future(stream.keepalive())
-            await self._migrate()
+            async with asyncio.timeout(TRANSFER_TIMEOUT):
+                await self._migrate()
             return 0
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (every failure is undone)
             await self._abort(self.failure_of(exc))
@@ -287,8 +298,13 @@ class Session:
                 raise
             return 1
         finally:
-            await self._cleanup()
-            await self.shutdown()
+            _live_by_uid[uid] -= 1
+            if not _live_by_uid[uid]:
+                del _live_by_uid[uid]
+            try:
+                await self._cleanup()
+            finally:
+                await self.shutdown()
 
     async def _setup(self) -> None:
         """What must exist before the first frame is read."""
@@ -584,8 +600,6 @@ class Inbound(Session):
                                                       fd, criu_path=jobs.criu_path)
             await self._restore(staged, hello, ['--lazy-pages', '--work-dir', work_dir])
             assert self.job is not None
-            restored_detail = (await jobs.table.get(self.job.id) or self.job).detail
-            await jobs.table.update(self.job.id, detail=LAZY_PULL_DETAIL)
             self.step = STEP_PULL
             finish = asyncio.ensure_future(self.daemon.finish(TRANSFER_TIMEOUT))
             self.tasks.append(finish)
@@ -593,7 +607,7 @@ class Inbound(Session):
                 await finish
             except criu.CriuError as exc:
                 raise await self._why(STEP_PULL, exc) from None
-            await jobs.table.update(self.job.id, detail=restored_detail)
+            await jobs.table.update(self.job.id, detail=self._restored_detail(staged))
             await self.stream.send_message('complete')
         self.complete = True
         assert self.job is not None
@@ -610,6 +624,9 @@ class Inbound(Session):
     def source_node(self) -> str | None:
         return self.staged.manifest.node if self.staged else None
 
+    def _restored_detail(self, staged: migimage.Staged) -> str:
+        return f'migrated from {staged.manifest.node} ({self.mode})'
+
     async def _restore(self, staged: migimage.Staged, hello: Mapping[str, Any],
                        extra: list[str] | None = None) -> None:
         assert self.stream is not None and self.restore_dir is not None
@@ -624,7 +641,9 @@ class Inbound(Session):
         await jobs.table.update(
             job.id, command=json.dumps(list(staged.manifest.command)),
             log_dir=os.path.join(self.account.home, JOBS_DIR, log_job),
-            detail=f'migrated from {staged.manifest.node} ({self.mode})')
+            # Until its memory has arrived a lazily restored job is marked, before anything
+            # else can happen (jobs.reconcile kills it if the gateway stops meanwhile).
+            detail=LAZY_PULL_DETAIL if self.mode == 'lazy-pages' else self._restored_detail(staged))
         await self.stream.send_message('restored', job=job.id, node=jobs.node,
                                        seconds=round(time.monotonic() - started, 3))
 
@@ -681,6 +700,7 @@ async def prepare(service: CRService, caller: Caller, request: Mapping[str, Any]
     mode = request.get('mode')
     if mode not in MODES:
         raise CRError('bad-request', f'field "mode" must be one of {", ".join(MODES)}')
+    _check_concurrency(caller.account.uid, live_included=False)
     if service.unavailable:
         raise CRError('criu-unavailable', f'checkpoint/restart is not available on this '
                       f'node: {service.unavailable}')
@@ -692,7 +712,7 @@ async def prepare(service: CRService, caller: Caller, request: Mapping[str, Any]
         job = await service.job_of(caller, job_id)
         job = await service.jobs.running(job.id, caller.account)
         if probe is not None and mode == 'lazy-pages':
-            caps = await probe.caps(job_memory(job.namespace, job.uid))
+            caps = await probe.caps(await asyncio.to_thread(job_memory, job.namespace, job.uid))
             if mode not in caps.send:
                 raise CRError('mode-unavailable', f'this node cannot send lazy-pages: '
                               f'{caps.why.get(mode, "")}')
@@ -711,6 +731,19 @@ async def prepare(service: CRService, caller: Caller, request: Mapping[str, Any]
                          f'{count} images, {used} bytes of {service.images.quota_bytes} '
                          f'allowed ({service.images.quota_count} images)')
     return Inbound(service, caller, mode, used)
+
+
+def _check_concurrency(uid: int, live_included: bool) -> None:
+    """Refuse a migration stream beyond :data:`MAX_PER_ACCOUNT` / :data:`MAX_PER_GATEWAY`
+    (checked before the ``ok`` reply, and again when the stream runs: *live_included* says
+    the caller is already counted)."""
+    extra = 0 if live_included else 1
+    if _live_by_uid.get(uid, 0) + extra > MAX_PER_ACCOUNT:
+        raise CRError('too-many-migrations', f'this account already has {MAX_PER_ACCOUNT} '
+                      f'migrations in progress on this node: wait for one to end')
+    if sum(_live_by_uid.values()) + extra > MAX_PER_GATEWAY:
+        raise CRError('too-many-migrations', f'this node already runs {MAX_PER_GATEWAY} '
+                      f'migrations: try again later')
 
 
 def refusal(service: CRService, caller: Caller, request: Mapping[str, Any],

@@ -25,6 +25,7 @@ import signal
 import struct
 import termios
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -412,11 +413,22 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             log.exception('could not audit session %s of %s', action, ctx.account.name)
 
     def _utmp(self, kind: int) -> None:
-        try:
-            libc.utmp_record(kind, self._proc.pid if self._proc else 0, self._tty_line,
-                             self._ctx.account.name, self._ctx.peer_host, time.time())
-        except Exception as exc:  # accounting must never break a login
-            log.warning('utmp/wtmp update failed: %s', exc)
+        # Off the event loop, in order: glibc waits up to 10 s for the file lock of utmp and
+        # of wtmp, and any user may hold a read lock on those world-readable files.
+        _UTMP_WRITER.submit(_write_utmp, kind, self._proc.pid if self._proc else 0,
+                            self._tty_line, self._ctx.account.name, self._ctx.peer_host,
+                            time.time())
+
+
+#: One thread writes every utmp/wtmp record, so a session's records keep their order.
+_UTMP_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix='xos-utmp')
+
+
+def _write_utmp(kind: int, pid: int, line: str, user: str, host: str, when: float) -> None:
+    try:
+        libc.utmp_record(kind, pid, line, user, host, when)
+    except Exception as exc:  # accounting must never break a login
+        log.warning('utmp/wtmp update failed: %s', exc)
 
 
 def _set_window_size(fd: int, size: tuple[int, int, int, int]) -> None:

@@ -134,11 +134,28 @@ def apply_rlimits(limits: Sequence[Sequence[int]]) -> None:
 # --- the drop -------------------------------------------------------------------------------
 
 
+def _forget_gateway_signals() -> None:
+    """In the fork, before the drop: forget the parent's signal handling.
+
+    The fork still has the gateway's Python signal handlers and their wake-up socket.  Once
+    the drop makes this process the account's, a signal the user sends it before exec would
+    be written into that socket and handled by the *gateway* (a SIGTERM stopped it, a SIGHUP
+    reloaded it).  So: no wake-up socket, and every handled signal back to its default."""
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+
+
 def _child_setup(uid: int, gid: int, groups: Sequence[int], home: str, take_tty: bool,
                  rlimits: Sequence[RLimit], parent: int | None) -> None:
     """Runs in the forked child (a session leader, still root): limits, drop, then as the
     user harden, take the tty, go home.  With *parent* (the PAM helper's pid), the child is
     also killed when that parent dies (set after the drop, which would clear it)."""
+    _forget_gateway_signals()
     try:
         apply_rlimits(rlimits)
     except OSError as exc:
