@@ -122,7 +122,7 @@ def test_every_limit_key_is_accepted(tmp_path: Path, dev_ca: VOCA, uid_range: tu
              'penalty_authfail': 5, 'penalty_noauth': 1, 'penalty_grace_exceeded': 20,
              'penalty_min': 15, 'penalty_max': 600, 'penalty_exempt': ['10.0.0.0/8', '2001:db8::/32'],
              'max_sessions_per_connection': 10, 'max_sessions_per_account': 100,
-             'max_jobs_per_account': 20, 'revocation_check_seconds': 2,
+             'max_auth_tries': 6, 'max_jobs_per_account': 20, 'revocation_check_seconds': 2,
              'keepalive_seconds': 60, 'keepalive_count_max': 3}
     gw = GatewayProcess.configure(tmp_path, {'dev': dynamic_vo(dev_ca, uid_range, home_base)},
                                   limits=table)
@@ -393,3 +393,22 @@ def test_max_jobs_per_account(jobs_gw: tuple[GatewayProcess, VOCA, Path]) -> Non
     refusals = [(e['action'], e['reason'], e['user']) for e in gw.audit()
                 if e['event'] == 'cr' and e['outcome'] == 'refused']
     assert refusals == [('run', 'too-many-jobs', 'alice'), ('restart', 'too-many-jobs', 'alice')]
+
+
+async def test_max_auth_tries_disconnects_a_key_spraying_client(
+        sessions_gw: GatewayProcess, dev_ca: VOCA, tmp_path: Path) -> None:
+    """OpenSSH's MaxAuthTries (6): the 7th key on one connection is never looked at."""
+    keys = [asyncssh.generate_private_key('ssh-ed25519') for _ in range(12)]
+    with pytest.raises((asyncssh.DisconnectError, asyncssh.PermissionDenied)):
+        async with asyncssh.connect('127.0.0.1', sessions_gw.port, username='alice',
+                                    client_keys=keys, known_hosts=None, agent_path=None,
+                                    preferred_auth='publickey'):
+            pass
+    refused = [e for e in sessions_gw.audit()
+               if e['event'] == 'login' and e['outcome'] == 'refused']
+    assert len(refused) == 6, [e['reason'] for e in refused]
+    assert 'too many authentication failures' in sessions_gw.log()
+    # the gateway serves on, and a real certificate still logs in
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    async with sessions_gw.connect(alice) as conn:
+        assert (await conn.run('true')).exit_status == 0

@@ -87,6 +87,8 @@ class LimitsConfig:
     ``max_sessions_per_account`` (across connections), ``max_jobs_per_account`` (running
     ``xos-cr`` jobs on this node): 0 = no limit for the per-account ones.
     ``revocation_check_seconds``: how often live connections are checked against the CRLs.
+    ``max_auth_tries`` (OpenSSH ``MaxAuthTries``): refused authentications on one connection
+    before it is disconnected (asyncssh has no such limit).
     ``keepalive_seconds``/``keepalive_count_max``: SSH keepalives to the client (0 = off).
     """
 
@@ -100,6 +102,7 @@ class LimitsConfig:
     penalty_max: float = 600.0
     penalty_exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_sessions_per_connection: int = 10
+    max_auth_tries: int = 6
     max_sessions_per_account: int = 100
     max_jobs_per_account: int = 20
     revocation_check_seconds: float = 2.0
@@ -276,6 +279,7 @@ _LIMITS_NUMBERS: dict[str, tuple[Any, float, float]] = {
     'penalty_min': ((int, float), 0, 86_400),
     'penalty_max': ((int, float), 1, 7 * 86_400),
     'max_sessions_per_connection': (int, 1, 10_000),
+    'max_auth_tries': (int, 1, 1_000),
     'max_sessions_per_account': (int, 0, 1_000_000),
     'max_jobs_per_account': (int, 0, 100_000),
     'revocation_check_seconds': ((int, float), 0.1, 300),

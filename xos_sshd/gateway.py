@@ -274,6 +274,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         self._ticket: Ticket | None = None
         self._started = time.monotonic()
         self._auth_failed = False
+        self._auth_refusals = 0
         self._live: LiveConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -325,6 +326,18 @@ class ConnectionHandler(asyncssh.SSHServer):
     def certificate_refused(self, username: str, exc: AuthRefused) -> None:
         self._auth_failed = True
         self._audit_login(username, None, 'refused', exc.reason, str(exc))
+        self._count_refusal()
+
+    def _count_refusal(self) -> None:
+        """OpenSSH's MaxAuthTries: a client offering key after refused key is cut off (each
+        try costs a chain check and an audit line)."""
+        self._auth_refusals += 1
+        limit = self._gateway.config.limits.max_auth_tries
+        if self._auth_refusals >= limit and self._conn is not None:
+            log.warning('too many authentication failures from %s:%d (max_auth_tries = %d): '
+                        'disconnected', self._peer[0], self._peer[1], limit)
+            self._conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                  f'too many authentication failures (max_auth_tries = {limit})')
 
     async def accept_login(self, username: str, check: sshhook.CertificateCheck) -> bool:
         identity = check.identity
@@ -333,6 +346,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         except (LoginRefused, MappingRefused) as exc:
             self._auth_failed = True
             self._audit_login(username, check, 'refused', exc.reason, str(exc))
+            self._count_refusal()
             return False
         self._identity, self._account, self._route = identity, account, check.route
         self._audit_login(username, check, 'accepted', 'ok', '', account)
@@ -357,6 +371,9 @@ class ConnectionHandler(asyncssh.SSHServer):
         if (self._account is None or self._identity is None or self._live is None
                 or self._conn is None):
             return False
+        if self._live.closed:  # revoked or banned: requests already in flight get nothing
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            f'this connection is being closed ({self._live.closed})')
         self._check_session_limits(self._live)
         runtime = self._gateway.cr_runtime
         session = UserSession(SessionContext(
