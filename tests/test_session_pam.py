@@ -186,7 +186,16 @@ async def test_pam_session_sets_limits_and_environment_and_is_closed(
         proc.send_signal('INT')
         result = await asyncio.wait_for(proc.wait(), 10)
         assert result.exit_signal is not None and result.exit_signal[0] == 'INT'
-        # KILL cannot be forwarded (it kills the helper): the user's process dies with it
+        # STOP is no SSH signal name (RFC 4254): ignored, as by sshd -- it would stop the
+        # root helper itself, which could then never close the PAM session
+        proc = await conn.create_process('echo started; exec sleep 60', encoding=None)
+        assert await asyncio.wait_for(proc.stdout.readline(), 10) == b'started\n'
+        proc.send_signal('STOP')
+        proc.send_signal('TERM')
+        result = await asyncio.wait_for(proc.wait(), 10)
+        assert result.exit_signal is not None and result.exit_signal[0] == 'TERM'
+        # KILL: the helper kills the user's process, closes the PAM session, dies of KILL too
+        closes = hook_log(pam_dir).count('close_session dev-alice ssh 127.0.0.1')
         proc = await conn.create_process('echo $$; exec sleep 60', encoding=None)
         pid = int(await asyncio.wait_for(proc.stdout.readline(), 10))
         proc.send_signal('KILL')
@@ -201,6 +210,12 @@ async def test_pam_session_sets_limits_and_environment_and_is_closed(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f'user process {pid} outlived its killed PAM helper')
+        for _ in range(100):  # the KILLed session was closed, like every other one
+            if hook_log(pam_dir).count('close_session dev-alice ssh 127.0.0.1') > closes:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f'no close_session after KILL: {hook_log(pam_dir)}')
         # a pty session: PAM_TTY is the terminal; the tty is the process's controlling one
         proc = await conn.create_process(term_type='xterm', term_size=(80, 24), encoding=None)
         proc.stdin.write(b'echo "T=$(tty) N=$(ulimit -n)"; exit 3\n')

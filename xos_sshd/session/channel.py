@@ -37,7 +37,7 @@ from ..config import SessionConfig
 from . import libc
 from .environment import session_environment
 from .fdio import FdReader, FdWriter
-from .pamsession import PamSessionProcess
+from .pamsession import KILL_CHILD, PamSessionProcess
 from .spawn import SpawnError, Stdio, spawn_as
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class SessionContext:
     #: ``[session]``: PAM and resource limits of the session's process (defaults when unset).
     session: SessionConfig | None = None
 
+
+#: The signal names an SSH client may send (RFC 4254 section 6.10), as sshd accepts them.
+SSH_SIGNALS = frozenset({'ABRT', 'ALRM', 'FPE', 'HUP', 'ILL', 'INT', 'KILL', 'PIPE', 'QUIT',
+                         'SEGV', 'TERM', 'USR1', 'USR2'})
 
 class UserSession(asyncssh.SSHServerSession[bytes]):
     """An asyncssh session whose other end is a process running as the mapped account."""
@@ -170,11 +174,12 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
     def signal_received(self, signame: str) -> None:
         if self._delegate is not None:
             return
-        try:
-            signum = signal.Signals['SIG' + signame]
-        except KeyError:
-            log.info('ignored unknown signal %r from client', signame)
+        if signame not in SSH_SIGNALS:  # as sshd: RFC 4254's names only (no STOP, no CONT)
+            log.info('ignored signal %r from client (not an SSH signal name)', signame[:32])
             return
+        signum = signal.Signals['SIG' + signame]
+        if isinstance(self._proc, PamSessionProcess) and signum == signal.SIGKILL:
+            signum = KILL_CHILD  # the PAM helper kills the process, then closes the session
         if self._proc is not None and self._proc.returncode is None:
             os.kill(self._proc.pid, signum)
 

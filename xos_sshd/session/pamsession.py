@@ -87,6 +87,10 @@ _MAX_REPORT = 2048
 _MAX_MESSAGES = 8192
 #: Every signal the helper takes over (blocked, waited for, forwarded).
 _FORWARDED = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+#: What the gateway sends the helper for a client's KILL: the helper cannot take a SIGKILL
+#: over, and dying of it would skip pam_close_session.  SSH cannot carry real-time signals,
+#: so this one never means anything else.
+KILL_CHILD = signal.SIGRTMIN + 1
 _PR_SET_DUMPABLE = 4
 
 
@@ -396,6 +400,8 @@ def _wait_forwarding(child: subprocess.Popen[bytes]) -> int:
         try:
             if info.si_signo == signal.SIGHUP:
                 os.killpg(child.pid, signal.SIGHUP)  # the hang-up, like the gateway's
+            elif info.si_signo == KILL_CHILD:
+                os.kill(child.pid, signal.SIGKILL)
             else:
                 os.kill(child.pid, info.si_signo)
         except ProcessLookupError:
