@@ -56,8 +56,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..ams import LocalAccount
 from .imagefs import (
     CREATE_FLAGS,
-    FileSink,
-    MemorySink,
     copy_file,
     open_dir,
     prune,
@@ -67,23 +65,20 @@ from .imagefs import (
     take_dump,
     write_new,
 )
-from .imagetar import read_archive
 from .imageverify import (
     check_account,
     check_creds,
-    check_hashes,
     check_listing,
     check_owner,
     fill_restore_dir,
+    receive_signed_archive,
     verified,
     write_archive,
 )
 from .manifest import (
     ID_RE,
     MANIFEST,
-    MAX_FILES,
     MAX_MANIFEST_BYTES,
-    MAX_SIGNATURE_BYTES,
     SIGNATURE,
     ImageError,
     Manifest,
@@ -93,7 +88,6 @@ from .manifest import (
     load_trusted_keys,
     parse_manifest,
     sign,
-    verify,
 )
 
 __all__ = ['DEFAULT_QUOTA_BYTES', 'DEFAULT_QUOTA_COUNT', 'ImageError', 'ImageInfo', 'ImageStore',
@@ -414,33 +408,9 @@ class ImageStore:
         try:
             sfd = open_dir(name, parent)
             try:
-                meta: dict[str, bytes] = {}
-                hashes: dict[str, tuple[int, str]] = {}
-                data_bytes = 0
-
-                def open_member(member: str, size: int) -> FileSink | MemorySink:
-                    nonlocal data_bytes
-                    if member in (MANIFEST, SIGNATURE):
-                        cap = MAX_MANIFEST_BYTES if member == MANIFEST else MAX_SIGNATURE_BYTES
-                        if size > cap:
-                            raise ImageError('bad-archive', f'{member} declares {size} bytes '
-                                             f'(at most {cap})')
-                        return MemorySink(member, meta)
-                    data_bytes += size
-                    if data_bytes > remaining:
-                        raise self._quota_error(account.uid, used, count, data_bytes)
-                    return FileSink(os.open(member, CREATE_FLAGS, 0o400, dir_fd=sfd), member, hashes)
-
-                read_archive(fileobj, open_member, max_members=MAX_FILES + 2,
-                             max_bytes=remaining + MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES,
-                             oversize=lambda _, total: self._quota_error(account.uid, used,
-                                                                         count, total))
-                if MANIFEST not in meta:
-                    raise ImageError('bad-archive', f'the archive has no {MANIFEST}')
-                manifest = verify(self.trusted, meta[MANIFEST], meta.get(SIGNATURE))
-                check_hashes(sfd, hashes, manifest)
-                check_owner(manifest, owner)
-                check_creds(sfd, sorted(hashes), account, manifest)
+                manifest, meta = receive_signed_archive(
+                    sfd, fileobj, self.trusted, account, owner, remaining,
+                    lambda total: self._quota_error(account.uid, used, count, total))
                 os.fsync(sfd)
             finally:
                 os.close(sfd)

@@ -23,7 +23,7 @@ import errno
 import io
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -31,8 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..ams import LocalAccount
 from . import imagecreds
 from .imagefs import (
+    CREATE_FLAGS,
     READ_FLAGS,
+    FileSink,
     HashingReader,
+    MemorySink,
     copy_file,
     grant_read,
     hash_fd,
@@ -40,9 +43,10 @@ from .imagefs import (
     open_dir,
     read_capped,
 )
-from .imagetar import member_info, open_writer
+from .imagetar import member_info, open_writer, read_archive
 from .manifest import (
     MANIFEST,
+    MAX_FILES,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
     SIGNATURE,
@@ -176,3 +180,40 @@ def write_archive(out: BinaryIO, ifd: int, manifest: Manifest, mbytes: bytes,
                     raise ImageError('tampered', f'{fname} does not match the manifest')
             finally:
                 os.close(fd)
+
+
+def receive_signed_archive(sfd: int, src: BinaryIO, trusted: Sequence[Ed25519PublicKey],
+                           account: LocalAccount, owner: Owner, budget: int,
+                           over_budget: Callable[[int], ImageError]
+                           ) -> tuple[Manifest, dict[str, bytes]]:
+    """Read a signed image archive from *src* (hostile) into the empty staging directory
+    *sfd* and verify it: signature by a trusted node, every file's hash, the owner, the
+    credentials inside the CRIU images.  At most *budget* bytes of files (else
+    ``over_budget(bytes)`` is raised).  Returns the manifest and the raw manifest/signature
+    bytes.  The one way an import and a migration's signed part are taken in."""
+    meta: dict[str, bytes] = {}
+    hashes: dict[str, tuple[int, str]] = {}
+    data_bytes = 0
+
+    def open_member(member: str, size: int) -> FileSink | MemorySink:
+        nonlocal data_bytes
+        if member in (MANIFEST, SIGNATURE):
+            cap = MAX_MANIFEST_BYTES if member == MANIFEST else MAX_SIGNATURE_BYTES
+            if size > cap:
+                raise ImageError('bad-archive', f'{member} declares {size} bytes (at most {cap})')
+            return MemorySink(member, meta)
+        data_bytes += size
+        if data_bytes > budget:
+            raise over_budget(data_bytes)
+        return FileSink(os.open(member, CREATE_FLAGS, 0o400, dir_fd=sfd), member, hashes)
+
+    read_archive(src, open_member, max_members=MAX_FILES + 2,
+                 max_bytes=budget + MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES,
+                 oversize=lambda _, total: over_budget(total))
+    if MANIFEST not in meta:
+        raise ImageError('bad-archive', f'the archive has no {MANIFEST}')
+    manifest = verify(trusted, meta[MANIFEST], meta.get(SIGNATURE))
+    check_hashes(sfd, hashes, manifest)
+    check_owner(manifest, owner)
+    check_creds(sfd, sorted(hashes), account, manifest)
+    return manifest, meta

@@ -48,9 +48,6 @@ from typing import BinaryIO
 
 from ..ams import LocalAccount
 from .imagefs import (
-    CREATE_FLAGS,
-    FileSink,
-    MemorySink,
     copy_file,
     grant_read,
     open_dir,
@@ -60,20 +57,15 @@ from .imagefs import (
     take_dump,
 )
 from .images import TEMP_TTL, ImageStore
-from .imagetar import read_archive
-from .imageverify import check_account, check_creds, check_hashes, check_owner, write_archive
+from .imageverify import check_account, check_creds, receive_signed_archive, write_archive
 from .manifest import (
     MANIFEST,
-    MAX_FILES,
-    MAX_MANIFEST_BYTES,
-    MAX_SIGNATURE_BYTES,
     SIGNATURE,
     FileEntry,
     ImageError,
     Manifest,
     Owner,
     sign,
-    verify,
 )
 
 #: What a CRIU page server writes (CRIU 4: ``pagemap-<pid>.img``, ``pages-<id>.img``,
@@ -180,31 +172,9 @@ def receive_signed(store: ImageStore, account: LocalAccount, owner: Owner, src: 
     try:
         sfd = open_dir(name, ufd)
         try:
-            meta: dict[str, bytes] = {}
-            hashes: dict[str, tuple[int, str]] = {}
-            total = 0
-
-            def open_member(member: str, size: int) -> FileSink | MemorySink:
-                nonlocal total
-                if member in (MANIFEST, SIGNATURE):
-                    cap = MAX_MANIFEST_BYTES if member == MANIFEST else MAX_SIGNATURE_BYTES
-                    if size > cap:
-                        raise ImageError('bad-archive', f'{member} declares {size} bytes')
-                    return MemorySink(member, meta)
-                total += size
-                if total > budget:
-                    raise quota_error(store, account.uid, used, total)
-                return FileSink(os.open(member, CREATE_FLAGS, 0o400, dir_fd=sfd), member, hashes)
-
-            read_archive(src, open_member, max_members=MAX_FILES + 2,
-                         max_bytes=budget + MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES,
-                         oversize=lambda _, t: quota_error(store, account.uid, used, t))
-            if MANIFEST not in meta:
-                raise ImageError('bad-archive', f'the archive has no {MANIFEST}')
-            manifest = verify(store.trusted, meta[MANIFEST], meta.get(SIGNATURE))
-            check_hashes(sfd, hashes, manifest)
-            check_owner(manifest, owner)
-            check_creds(sfd, sorted(hashes), account, manifest)
+            manifest, _ = receive_signed_archive(
+                sfd, src, store.trusted, account, owner, budget,
+                lambda total: quota_error(store, account.uid, used, total))
         finally:
             os.close(sfd)
     except BaseException:
