@@ -32,7 +32,7 @@ from pathlib import Path
 _TESTS = str(Path(__file__).resolve().parent.parent / 'tests')
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
-from gatewayproc import free_port  # noqa: E402
+from gatewayproc import free_port, stop_process  # noqa: E402
 
 
 @dataclass
@@ -51,13 +51,7 @@ class OpenSSHServer:
         return path.read_text(errors='replace') if path.exists() else ''
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_openssh(base: Path, *, authorized_keys: Path | None = None, user_ca: str | None = None,

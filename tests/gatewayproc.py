@@ -174,13 +174,8 @@ class GatewayProcess:
         raise AssertionError(f'xos-sshd did not listen on {self.port}:\n{self.log()}')
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, sig)
 
     def open_fds(self) -> int:
         assert self.proc is not None
@@ -224,6 +219,18 @@ class GatewayProcess:
                 '-o', 'BatchMode=yes', '-o', 'LogLevel=ERROR', '-p', str(self.port),
                 f'{login}@127.0.0.1', *command]
         return run(*argv, check=check, **kw)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+                 timeout: float = 10) -> None:
+    """Send a running server *sig*, give it *timeout* s to end, then SIGKILL it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _toml(value: Any) -> str:

@@ -10,9 +10,7 @@ the penalty test runs without the loopback exemption the other test gateways get
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +21,8 @@ import pytest
 from conftest import dynamic_vo
 from gatewayproc import TEST_LIMITS, XOS_SSHD, GatewayProcess, VOCA, run
 
-from crhelpers import PR_SET_CHILD_SUBREAPER, _libc, reap_zombie_children
-from gatewayproc import free_port, free_uid_range, release_uid_range
-from test_cr_e2e import _end_processes, jobs_of, xcr
+from gatewayproc import free_port
+from test_cr_e2e import cr_env, jobs_of, xcr  # noqa: F401 (cr_env: fixture)
 from test_cr_e2e import refused as cr_refused
 from test_observability import scrape, value, with_metrics
 
@@ -348,30 +345,15 @@ async def test_max_sessions_per_account_counts_every_connection(sessions_gw: Gat
 
 
 @pytest.fixture
-def jobs_gw() -> Iterator[tuple[GatewayProcess, VOCA, Path]]:
+def jobs_gw(cr_env: dict[str, Any]) -> tuple[GatewayProcess, VOCA, Path]:  # noqa: F811
     """A gateway with ``max_jobs_per_account = 1`` laid out as the checkpoint/restart tests
-    need it (test_cr_e2e.cr_env: a 0755 base the accounts traverse, this process a subreaper
-    for job inits, every job ended afterwards)."""
-    base = Path(tempfile.mkdtemp(prefix='xos-test-limits-'))
-    base.chmod(0o755)
-    (base / 'homes').mkdir(mode=0o755)
-    first, last = free_uid_range()
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    gw = None
-    try:
-        ca = VOCA.create(base, 'dev')
-        gw = GatewayProcess.configure(base, {'dev': dynamic_vo(ca, (first, last), base / 'homes' / 'home')},
-                                      limits={**TEST_LIMITS, 'max_jobs_per_account': 1})
-        yield gw.start(), ca, base
-    finally:
-        _end_processes(first, last, 3.0)
-        if gw is not None:
-            gw.stop()
-        _end_processes(first, last, 3.0)
-        reap_zombie_children()
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        release_uid_range(first)
-        shutil.rmtree(base, ignore_errors=True)
+    need it (test_cr_e2e.cr_env, which also ends every job and the gateway afterwards)."""
+    base = cr_env['base']
+    ca = VOCA.create(base, 'dev')
+    gw = GatewayProcess.configure(base, {'dev': dynamic_vo(ca, cr_env['uids'], cr_env['homes'] / 'home')},
+                                  limits={**TEST_LIMITS, 'max_jobs_per_account': 1})
+    cr_env['gateways'].append(gw)
+    return gw.start(), ca, base
 
 
 def test_max_jobs_per_account(jobs_gw: tuple[GatewayProcess, VOCA, Path]) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import pytest
 from conftest import dynamic_vo
-from gatewayproc import SSH_XOS, VOCA, GatewayProcess, free_port, kill_uid_processes
+from gatewayproc import SSH_XOS, VOCA, GatewayProcess, free_port, kill_uid_processes, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = REPO / 'native'
@@ -1015,13 +1015,8 @@ LogLevel VERBOSE
         raise AssertionError(f'sshd did not listen:\n{self.log()}')
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors='replace') if self.log_path.exists() else ''
