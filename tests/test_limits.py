@@ -26,8 +26,9 @@ from test_cr_e2e import cr_env, jobs_of, xcr  # noqa: F401 (cr_env: fixture)
 from test_cr_e2e import refused as cr_refused
 from test_observability import scrape, value, with_metrics
 
-from xos_sshd.admission import REFUSAL_REASONS, drop_probability, source_key
-from xos_sshd.config import ConfigError, parse_max_startups
+import xos_sshd.admission as admission
+from xos_sshd.admission import REFUSAL_REASONS, Admission, drop_probability, source_key
+from xos_sshd.config import ConfigError, LimitsConfig, parse_max_startups
 
 LOOPBACK_EXEMPT = ['127.0.0.0/8', '::1/128']
 
@@ -141,6 +142,31 @@ def test_max_startups_rule_and_source_keys() -> None:
     assert source_key('192.0.2.7') == '192.0.2.7'
     assert source_key('::ffff:192.0.2.7') == '192.0.2.7'
     assert source_key('2001:db8:1:2:3:4:5:6') == source_key('2001:db8:1:2::99') == '2001:db8:1:2::/64'
+
+
+def test_penalty_book_is_capped_per_address_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of penalised IPv6 /64s fills only the IPv6 book: IPv4 sources are still
+    penalised, and the full book is not scanned on each new source (the sweep prunes)."""
+    monkeypatch.setattr(admission, 'MAX_PENALISED_SOURCES', 4)
+    now = [1000.0]
+    book = Admission(LimitsConfig(penalty_authfail=20, penalty_min=15), clock=lambda: now[0])
+
+    def fail(host: str) -> None:
+        book.finished(book.admit(host), 'authfail')
+
+    for i in range(10):
+        fail(f'2001:db8:{i}::1')
+    assert sum(book.penalised(source_key(f'2001:db8:{i}::1')) > 0 for i in range(10)) == 4
+    fail('192.0.2.1')
+    assert book.penalised('192.0.2.1') == pytest.approx(20)
+    with pytest.raises(admission.AdmissionRefused, match='penalised'):
+        book.admit('192.0.2.1')
+    now[0] += 21  # everything ran out; only the sweep makes room again
+    fail('2001:db8:99::1')
+    assert book.penalised('2001:db8:99::/64') == 0
+    assert book.prune() == 5
+    fail('2001:db8:99::1')
+    assert book.penalised('2001:db8:99::/64') == pytest.approx(20)
 
 
 # --------------------------------------------------------------------------- before authentication

@@ -21,9 +21,12 @@ reports the end of the unauthenticated phase with :meth:`Admission.finished`.
 
 A *source* is an IPv4 address or an IPv6 /64 (one host usually holds a whole /64);
 IPv4-mapped IPv6 addresses count as IPv4.  ``penalty_exempt`` networks never collect a
-penalty.  At most :data:`MAX_PENALISED_SOURCES` sources are tracked: beyond that new sources
-are not penalised (OpenSSH's "permissive" overflow), so a flood of addresses cannot eat the
-gateway's memory.  Refusals are counted (:attr:`Admission.counters`) and logged at most once
+penalty.  At most :data:`MAX_PENALISED_SOURCES` sources *per address family* are tracked
+(OpenSSH's ``max-sources4``/``max-sources6``: an attacker holding many IPv6 /64s cannot push
+IPv4 sources out of the book, nor the reverse): beyond that new sources of that family are
+not penalised until the periodic sweep (:meth:`Admission.prune`) forgets expired ones
+(OpenSSH's "permissive" overflow), so a flood of addresses can neither eat the gateway's
+memory nor make each refused connection pay for a scan of the whole book.  Refusals are counted (:attr:`Admission.counters`) and logged at most once
 per :data:`LOG_INTERVAL` seconds and kind, with the number suppressed; a source that starts
 being refused for a penalty leaves one audit line (event ``penalty``).
 """
@@ -42,7 +45,8 @@ from .config import LimitsConfig
 
 log = logging.getLogger(__name__)
 
-#: Sources with a penalty kept in memory at most (then new ones go unpenalised).
+#: Sources with a penalty kept in memory at most, per address family (then new ones of that
+#: family go unpenalised).
 MAX_PENALISED_SOURCES = 65536
 #: One log line per kind of refusal at most this often (seconds); the rest are counted.
 LOG_INTERVAL = 10.0
@@ -102,6 +106,13 @@ def source_key(host: str) -> str:
     return str(addr)
 
 
+def source_family(key: str) -> str:
+    """The penalty book a source key belongs to: ``ipv4``, ``ipv6`` (a /64) or ``other``."""
+    if '/' in key:
+        return 'ipv6'
+    return 'ipv4' if key.count('.') == 3 and key.replace('.', '').isdigit() else 'other'
+
+
 def drop_probability(pending: int, start: int, rate: int, full: int) -> float:
     """OpenSSH's ``MaxStartups`` rule: the probability (0..1) of refusing a new connection
     while *pending* unauthenticated ones exist."""
@@ -149,7 +160,9 @@ class Admission:
         self.pending = 0
         self._pending_by_source: Counter[str] = Counter()
         self._penalties: dict[str, _Penalty] = {}
-        self._overflow_logged = False
+        #: How many keys of :attr:`_penalties` each family holds (the per-family cap).
+        self._tracked: Counter[str] = Counter()
+        self._overflow_logged: set[str] = set()
         self._log = _RateLimitedLog(LOG_INTERVAL, clock)
         #: Refusals so far by reason (``max-startups``, ``max-startups-per-source``,
         #: ``penalty``), and penalties imposed by cause: for monitoring.
@@ -180,7 +193,7 @@ class Admission:
         if penalty is not None:
             left = penalty.expires - self._clock()
             if left <= 0:
-                del self._penalties[key]
+                self._forget(key)
             elif penalty.active:
                 raise AdmissionRefused('penalty', f'source {key} is penalised for '
                                        f'{left:.0f} more s (failed or abandoned logins)')
@@ -224,14 +237,18 @@ class Admission:
         now = self._clock()
         penalty = self._penalties.get(key)
         if penalty is None or penalty.expires <= now:
-            if penalty is None and len(self._penalties) >= MAX_PENALISED_SOURCES:
-                self.prune()
-                if len(self._penalties) >= MAX_PENALISED_SOURCES:
-                    if not self._overflow_logged:
-                        log.warning('%d sources are penalised already: new sources go '
-                                    'unpenalised until some run out', MAX_PENALISED_SOURCES)
-                        self._overflow_logged = True
+            if penalty is None:
+                family = source_family(key)
+                if self._tracked[family] >= MAX_PENALISED_SOURCES:
+                    # No scan here: that would make every connection of a flood pay for the
+                    # whole book.  The sweep prunes; until then new sources go unpenalised.
+                    if family not in self._overflow_logged:
+                        log.warning('%d %s sources are penalised already: new ones go '
+                                    'unpenalised until some run out', MAX_PENALISED_SOURCES,
+                                    family)
+                        self._overflow_logged.add(family)
                     return
+                self._tracked[family] += 1
             penalty = self._penalties[key] = _Penalty(expires=now)
         penalty.expires = min(penalty.expires + seconds, now + limits.penalty_max)
         held = penalty.expires - now
@@ -265,7 +282,12 @@ class Admission:
         now = self._clock()
         gone = [k for k, p in self._penalties.items() if p.expires <= now]
         for key in gone:
-            del self._penalties[key]
-        if gone:
-            self._overflow_logged = False
+            self._forget(key)
         return len(gone)
+
+    def _forget(self, key: str) -> None:
+        """Drop *key*'s penalty and its place in its family's count."""
+        del self._penalties[key]
+        family = source_family(key)
+        self._tracked[family] -= 1
+        self._overflow_logged.discard(family)
