@@ -58,9 +58,6 @@ DEFAULT_INIT_PYTHON = '/usr/bin/python3'
 SETPRIV = shutil.which('setpriv') or '/usr/bin/setpriv'
 CRIU_ENV = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'LANG': 'C'}
 LOG_TAIL_LINES = 25
-#: What a ``dump --lazy-pages`` logs once every image file is written, just before it starts
-#: serving the memory it holds (cr-dump.c, CRIU 4.x; a test fails if CRIU changes it).
-LAZY_DUMP_READY = 'Starting lazy pages server'
 UNSHARE = shutil.which('unshare') or '/usr/bin/unshare'
 
 
@@ -201,15 +198,11 @@ def _helper_argv() -> list[str]:
 
 
 async def run_helper(req: dict[str, Any], timeout: float,
-                     pass_fds: Sequence[int] = (), *,
-                     marker: tuple[str, Callable[[], object]] | None = None,
-                     ) -> tuple[dict[str, Any], str]:
+                     pass_fds: Sequence[int] = ()) -> tuple[dict[str, Any], str]:
     """Run the namespace helper (as root) with one request; return (reply, its stderr).
 
     *pass_fds* are handed to the helper (and by it to CRIU) and closed here once it runs:
     the caller's copies would otherwise keep a socket open after CRIU is done with it.
-    *marker* ``(text, callback)``: *callback* is called once, as soon as a line of CRIU's
-    log contains *text* (a lazy dump says its images are complete, then keeps serving).
     """
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -220,11 +213,7 @@ async def run_helper(req: dict[str, Any], timeout: float,
         for fd in pass_fds:
             os.close(fd)
     try:
-        if marker is None:
-            out, err = await asyncio.wait_for(proc.communicate(json.dumps(req).encode()),
-                                              timeout)
-        else:
-            out, err = await asyncio.wait_for(_communicate_watching(proc, req, *marker), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(req).encode()), timeout)
     except (TimeoutError, asyncio.CancelledError) as exc:
         try:
             os.killpg(proc.pid, 9)
@@ -243,26 +232,30 @@ async def run_helper(req: dict[str, Any], timeout: float,
     return reply, log
 
 
-async def _communicate_watching(proc: asyncio.subprocess.Process, req: dict[str, Any],
-                                text: str, callback: Callable[[], object]) -> tuple[bytes, bytes]:
-    """``communicate`` that reads stderr line by line and calls *callback* at *text*."""
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    proc.stdin.write(json.dumps(req).encode())
-    proc.stdin.close()
-    err = bytearray()
-    needle: bytes | None = text.encode()
-    stdout = asyncio.ensure_future(proc.stdout.read())
-    while True:
-        line = await proc.stderr.readline()
-        if not line:
-            break
-        err += line
-        if needle is not None and needle in line:
-            needle = None
-            callback()
-    out = await stdout
-    await proc.wait()
-    return out, bytes(err)
+async def _status_byte(fd: int) -> bool:
+    """Whether the CRIU holding the write end of the pipe *fd* (its ``--status-fd``) wrote
+    its readiness byte (``\\0``) before closing it (False: it ended or failed first).  Read
+    in the event loop, no thread; *fd* is closed here."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not got.done():
+            got.set_result(data)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        return await got == b'\0'
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
@@ -327,7 +320,10 @@ async def dump(pid: int, images_dir: str, account: LocalAccount, leave_running: 
     *pass_fds* (job namespace only) reach CRIU as the same numbers (a ``--ps-socket``) and
     are closed here once CRIU runs.  *images_ready(images_dir)* is called when a
     ``--lazy-pages`` dump has written every image and starts serving pages (CRIU runs on
-    until the pages are pulled).
+    until the pages are pulled).  CRIU says so itself, on a pipe given as ``--status-fd``
+    (it writes one ``\\0`` there when its page server is ready, after every image file is
+    flushed and closed): nothing the job controls can forge that, unlike a line of CRIU's log,
+    which carries the job's file names and process names.
     """
     path = find_criu(criu_path)
     # In a job namespace CRIU itself is a member of it: if CRIU killed the tree, the job init
@@ -337,23 +333,43 @@ async def dump(pid: int, images_dir: str, account: LocalAccount, leave_running: 
     mode = (['--leave-stopped'] if keep_stopped
             else ['--leave-running'] if leave_running
             else ['--leave-stopped'] if namespace is not None else [])
+    if namespace is None and (pass_fds or images_ready is not None):
+        raise CriuError('pass_fds and images_ready need a job namespace')
+    fds = list(pass_fds)
+    status: asyncio.Task[bool] | None = None
+    status_args: list[str] = []
+    if images_ready is not None:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        fds.append(status_w)
+        status_args = ['--status-fd', str(status_w)]
+        status = asyncio.ensure_future(_status_byte(status_r))
+
+        def said_ready(task: asyncio.Task[bool]) -> None:
+            if not task.cancelled() and task.exception() is None and task.result():
+                images_ready(images_dir)
+        status.add_done_callback(said_ready)
     args = [path, 'dump', '--unprivileged', '-t', str(pid), '-D', images_dir, '-v4',
-            '--display-stats', *mode, *extra_args]
+            '--display-stats', *mode, *status_args, *extra_args]
     argv = as_user(account, CAPS_DUMP, args)
     started = time.monotonic()
-    if namespace is None:
-        if pass_fds or images_ready is not None:
-            raise CriuError('pass_fds and images_ready need a job namespace')
-        rc, _out, log = await _run(argv, timeout)
-        ok, error = rc == 0, f'exit status {rc}'
-    else:
-        reply, log = await run_helper(
-            {'op': 'enter', 'target': namespace.init_pid, 'starttime': namespace.starttime,
-             'uid': account.uid, 'argv': argv, 'env': CRIU_ENV, 'fds': list(pass_fds)},
-            timeout + 5, pass_fds,
-            marker=((LAZY_DUMP_READY, lambda: images_ready(images_dir))
-                    if images_ready is not None else None))
-        ok, error = bool(reply.get('ok')), str(reply.get('error'))
+    try:
+        if namespace is None:
+            rc, _out, log = await _run(argv, timeout)
+            ok, error = rc == 0, f'exit status {rc}'
+        else:
+            reply, log = await run_helper(
+                {'op': 'enter', 'target': namespace.init_pid, 'starttime': namespace.starttime,
+                 'uid': account.uid, 'argv': argv, 'env': CRIU_ENV, 'fds': fds},
+                timeout + 5, fds)
+            ok, error = bool(reply.get('ok')), str(reply.get('error'))
+        if status is not None:  # CRIU is gone, and with it the pipe's write end
+            try:
+                await asyncio.wait_for(asyncio.shield(status), 5)
+            except TimeoutError:
+                pass
+    finally:
+        if status is not None and not status.done():
+            status.cancel()
     seconds = time.monotonic() - started
     _save_log(log_path, log)
     if not ok:

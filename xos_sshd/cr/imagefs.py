@@ -30,7 +30,6 @@ import io
 import logging
 import os
 import secrets
-import shutil
 import stat
 import struct
 import subprocess
@@ -71,44 +70,118 @@ def root_dir(parent_fd: int, name: str, mode: int) -> int:
     return fd
 
 
+#: A tree being removed is walked by descriptor this deep; below that, :func:`_remove_deep`
+#: (``rm -rf``) takes the rest.  Each level holds a descriptor (and two Python frames).
+MAX_WALK_DEPTH = 64
+#: How a directory inside a tree being removed is opened: never through a symlink
+#: (``O_NOFOLLOW``), never anything but a directory (``O_DIRECTORY``: a fifo or a device is
+#: refused before the kernel opens it), never blocking, never as a controlling terminal.
+SUBDIR_FLAGS = DIR_FLAGS | os.O_NONBLOCK | os.O_NOCTTY
+#: How often one entry is looked at again when it changed between the look and the action.
+ENTRY_TRIES = 8
+
+
 def remove(parent_fd: int, name: str) -> None:
-    """Delete *name* (a tree, a file or a symlink) in *parent_fd* without following links
-    (``shutil.rmtree`` with ``dir_fd`` walks by descriptor).  Failures are logged."""
-    try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(name, dir_fd=parent_fd)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning('could not remove %s: %s', name, exc)
-        return
+    """Delete *name* (a tree, a file or a symlink) in *parent_fd*, never following a link
+    and never opening anything but a directory, also while the account that owns the tree
+    keeps changing it (it may swap a directory for a symlink to a fifo or a device between
+    any two of our calls: ``shutil.rmtree`` checks an entry, then opens it by name, and so
+    opened whatever the account had swapped in).  Failures are logged, not raised: a tree the
+    account keeps filling is left for the next prune."""
     for attempt in range(3):  # an account process may still add to its own subdirectories
         try:
-            shutil.rmtree(name, dir_fd=parent_fd)
+            _remove_entry(parent_fd, name, 0)
             return
         except FileNotFoundError:
-            return
-        except RecursionError:  # deeper than Python's recursion limit (a hostile tree)
-            _remove_deep(parent_fd, name)
             return
         except OSError as exc:
             if attempt == 2:
                 log.warning('could not remove %s: %s', name, exc)
 
 
+def _remove_entry(parent_fd: int, name: str, depth: int) -> None:
+    """Remove the entry *name* of *parent_fd* (see :func:`remove`): a non-directory is
+    unlinked (never opened); a directory is opened with :data:`SUBDIR_FLAGS`, checked to be
+    the one looked at (and on the same filesystem), emptied, then removed.  An entry that
+    changed between the look and the action is looked at again."""
+    for _ in range(ENTRY_TRIES):
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            try:
+                os.unlink(name, dir_fd=parent_fd)
+                return
+            except FileNotFoundError:
+                return
+            except IsADirectoryError:
+                continue  # a directory now: look again
+        if depth >= MAX_WALK_DEPTH:
+            _remove_deep(parent_fd, name)
+            return
+        try:
+            fd = os.open(name, SUBDIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                continue  # swapped for a symlink or a file since the look: look again
+            raise
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                continue  # another directory was swapped in: look again
+            pst = os.fstat(parent_fd)
+            if fst.st_dev != pst.st_dev:
+                raise OSError(errno.EXDEV, f'{name} is on another filesystem (a mount point)')
+            with os.scandir(fd) as entries:
+                names = [entry.name for entry in entries]
+            for child in names:
+                _remove_entry(fd, child, depth + 1)
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+            return
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            continue  # swapped after it was emptied: look again
+    raise OSError(errno.EAGAIN, f'{name} kept changing while being removed')
+
+
 def _remove_deep(parent_fd: int, name: str) -> None:
-    """Remove a tree too deep for ``shutil.rmtree`` with GNU ``rm -rf``, which walks it
-    iteratively and never follows a link; it is handed the tree through our descriptor of
-    its parent (``/proc/PID/fd/N/NAME``), so no path the account controls is resolved."""
+    """Remove a tree too deep for the walk of :func:`remove` with GNU ``rm -rf``, which walks
+    it iteratively by descriptor and never follows a link; it is handed the tree through our
+    descriptor of its parent (``/proc/PID/fd/N/NAME``), so no path the account controls is
+    resolved."""
     path = f'/proc/{os.getpid()}/fd/{parent_fd}/{name}'
     res = subprocess.run(['rm', '-rf', '--one-file-system', '--', path], capture_output=True,
                          text=True, check=False, timeout=600)
     if res.returncode != 0:
-        log.warning('could not remove %s: %s', name, res.stderr.strip()[:500])
+        raise OSError(errno.EIO, f'rm -rf {name}: {res.stderr.strip()[:500]}')
+
+
+def remove_path(path: str | os.PathLike[str]) -> None:
+    """:func:`remove` the entry at *path*, through a descriptor of its parent, which must be a
+    root-owned directory nobody else can write (else nothing is removed and a warning is
+    logged): then *path* itself cannot be swapped, whatever the account does inside it.  A
+    missing parent is nothing to do."""
+    parent, leaf = os.path.split(os.path.abspath(path))
+    try:
+        pfd = open_dir(parent)
+    except FileNotFoundError:
+        return
+    try:
+        st = os.fstat(pfd)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            log.warning('not removing %s: %s is not a root-owned directory closed to others',
+                        path, parent)
+            return
+        remove(pfd, leaf)
+    finally:
+        os.close(pfd)
 
 
 def prune(dir_fd: int, ttl: float) -> None:

@@ -398,7 +398,8 @@ class ImageStore:
 
     # -- import ---------------------------------------------------------------------------
 
-    def _import_sync(self, account: LocalAccount, owner: Owner, fileobj: BinaryIO) -> ImageInfo:
+    def _import_sync(self, account: LocalAccount, owner: Owner, fileobj: BinaryIO,
+                     charge: Callable[[int], None] | None = None) -> ImageInfo:
         check_account(account)
         used, count = self._usage(account.uid)
         if count + 1 > self.quota_count or used >= self.quota_bytes:
@@ -410,7 +411,8 @@ class ImageStore:
             try:
                 manifest, meta = receive_signed_archive(
                     sfd, fileobj, self.trusted, account, owner, remaining,
-                    lambda total: self._quota_error(account.uid, used, count, total))
+                    lambda total: self._quota_error(account.uid, used, count, total),
+                    charge=charge)
                 os.fsync(sfd)
             finally:
                 os.close(sfd)
@@ -574,7 +576,8 @@ class ImageStore:
         return await asyncio.to_thread(self._export_sync, uid, image_id)
 
     async def import_archive(self, account: LocalAccount, owner: Owner,
-                             fileobj: BinaryIO) -> ImageInfo:
+                             fileobj: BinaryIO, *,
+                             charge: Callable[[int], None] | None = None) -> ImageInfo:
         """Verify and store an archive from anywhere (hostile input, see imagetar.py).
 
         *fileobj*: a binary file object with a blocking ``read(n)``, read in a worker
@@ -582,9 +585,11 @@ class ImageStore:
         (``bad-signature``/``untrusted-node``), files and hashes (``tampered``), owner
         (``not-owner``), credentials in the CRIU files (``wrong-credentials``), quota
         (``quota-exceeded``).  The image keeps its signature and original id; it gets a
-        new local id.  Nothing is left behind on refusal.
+        new local id.  Nothing is left behind on refusal.  *charge(size)* is told each file's
+        size before it is staged and may refuse it (a migration's staged bytes, see
+        ``migimage.MigrationLedger``).
         """
-        return await asyncio.to_thread(self._import_sync, account, owner, fileobj)
+        return await asyncio.to_thread(self._import_sync, account, owner, fileobj, charge)
 
     async def restore_dir(self, account: LocalAccount, owner: Owner, image_id: str) -> str:
         """Re-verify the image (signature, listing, hashes, owner, credentials) and return a

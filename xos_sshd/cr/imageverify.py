@@ -184,13 +184,17 @@ def write_archive(out: BinaryIO, ifd: int, manifest: Manifest, mbytes: bytes,
 
 def receive_signed_archive(sfd: int, src: BinaryIO, trusted: Sequence[Ed25519PublicKey],
                            account: LocalAccount, owner: Owner, budget: int,
-                           over_budget: Callable[[int], ImageError]
+                           over_budget: Callable[[int], ImageError],
+                           charge: Callable[[int], None] | None = None,
                            ) -> tuple[Manifest, dict[str, bytes]]:
     """Read a signed image archive from *src* (hostile) into the empty staging directory
     *sfd* and verify it: signature by a trusted node, every file's hash, the owner, the
     credentials inside the CRIU images.  At most *budget* bytes of files (else
-    ``over_budget(bytes)`` is raised).  Returns the manifest and the raw manifest/signature
-    bytes.  The one way an import and a migration's signed part are taken in."""
+    ``over_budget(bytes)`` is raised); *charge(size)*, if given, is told each file's size
+    before it is written and may refuse it by raising (a migration's staged bytes are
+    charged to the account across all its streams).  Returns the manifest and the raw
+    manifest/signature bytes.  The one way an import and a migration's signed part are
+    taken in."""
     meta: dict[str, bytes] = {}
     hashes: dict[str, tuple[int, str]] = {}
     data_bytes = 0
@@ -205,6 +209,8 @@ def receive_signed_archive(sfd: int, src: BinaryIO, trusted: Sequence[Ed25519Pub
         data_bytes += size
         if data_bytes > budget:
             raise over_budget(data_bytes)
+        if charge is not None:
+            charge(size)
         return FileSink(os.open(member, CREATE_FLAGS, 0o400, dir_fd=sfd), member, hashes)
 
     read_archive(src, open_member, max_members=MAX_FILES + 2,

@@ -34,7 +34,6 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import signal
 import stat
 import time
@@ -47,6 +46,7 @@ from ..ams.store import Store
 from ..session.spawn import child_rlimits
 from . import apictl, criu
 from .fdscan import NotCheckpointable, host_pid_of, process_table, scan
+from .imagefs import remove_path
 from .nsjob import start_time
 
 #: The ``detail`` of a job restored with lazy pages whose memory is still being pulled from
@@ -189,8 +189,10 @@ class JobTable:
         return {r[0]: int(r[1]) for r in rows}
 
     async def update(self, job_id: str, *, expect_state: str | None = None,
-                     **fields: Any) -> bool:
-        """Set *fields* (and ``updated``); with *expect_state*, only if the row is in it."""
+                     expect_node: str | None = None, **fields: Any) -> bool:
+        """Set *fields* (and ``updated``); with *expect_state*, only if the row is in it; with
+        *expect_node*, only if it is a job of that node (a shared job table holds other
+        nodes' jobs, whose processes this node cannot see)."""
         if 'state' in fields and fields['state'] not in JOB_STATES:
             raise ValueError(f'unknown job state {fields["state"]!r}')
         fields['updated'] = time.time()
@@ -199,6 +201,9 @@ class JobTable:
         if expect_state is not None:
             sql += ' AND state = ?'
             args.append(expect_state)
+        if expect_node is not None:
+            sql += ' AND node = ?'
+            args.append(expect_node)
         async with self.store.write() as txn:
             return await txn.execute(sql, args) == 1
 
@@ -288,7 +293,9 @@ class JobManager:
         return Job(**fields)
 
     async def _ended(self, job: Job, state: str, detail: str = '') -> None:
-        await self.table.update(job.id, expect_state=job.state, state=state, ended=time.time(),
+        # Only a job of this node: whether another node's job still runs is that node's call.
+        await self.table.update(job.id, expect_state=job.state, expect_node=self.node,
+                                state=state, ended=time.time(),
                                 **({'detail': detail} if detail else {}))
 
     def image_dir(self, account: LocalAccount, image_id: str) -> str:
@@ -436,7 +443,7 @@ class JobManager:
                 criu.thaw_namespace(job.namespace, job.uid)
             if not isinstance(exc, criu.CriuError):
                 raise
-            shutil.rmtree(images_dir, ignore_errors=True)
+            remove_path(images_dir)  # the account's: never shutil.rmtree (imagefs.remove)
             raise JobError('checkpoint-failed',
                            f'checkpoint of job {job.id} failed: {exc}') from None
         return image_id, images_dir, res
@@ -554,7 +561,7 @@ async def reconcile(table: JobTable, node: str = '') -> dict[str, str]:
                                      'memory arrived from the source (lazy pages)')
         else:
             continue
-        if await table.update(job.id, expect_state=job.state, state=new, ended=time.time(),
-                              detail=detail):
+        if await table.update(job.id, expect_state=job.state, expect_node=node, state=new,
+                              ended=time.time(), detail=detail):
             changed[job.id] = new
     return changed

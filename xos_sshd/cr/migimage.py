@@ -36,12 +36,15 @@ account through an ACL) for :meth:`JobManager.restore`.
 from __future__ import annotations
 
 import errno
+import itertools
+import logging
 import os
 import re
 import secrets
 import stat
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -53,6 +56,7 @@ from .imagefs import (
     open_dir,
     prune,
     remove,
+    remove_path,
     root_dir,
     take_dump,
 )
@@ -67,6 +71,8 @@ from .manifest import (
     Owner,
     sign,
 )
+
+log = logging.getLogger(__name__)
 
 #: What a CRIU page server writes (CRIU 4: ``pagemap-<pid>.img``, ``pages-<id>.img``,
 #: shared memory ``pagemap-shmem-<id>.img``).
@@ -155,16 +161,95 @@ def _migrate_root(store: ImageStore, uid: int) -> int:
     return ufd
 
 
-def quota_error(store: ImageStore, uid: int, used: int, more: int) -> ImageError:
-    return ImageError('quota-exceeded', f'image quota exceeded for uid {uid}: the migration '
-                      f'would put {used + more} bytes on disk of {store.quota_bytes} allowed '
-                      f'({used} used by images)')
+def quota_error(store: ImageStore, uid: int, used: int, this: int, others: int = 0,
+                streams: int = 0) -> ImageError:
+    """The refusal of a migration that would stage *this* bytes for *uid* while its images
+    use *used* and *streams* other incoming migrations of it have *others* staged."""
+    besides = (f' and {others} bytes staged by {streams} other incoming migration'
+               f'{"s" if streams != 1 else ""}' if streams else '')
+    return ImageError('quota-exceeded', f'image quota exceeded for uid {uid}: this migration '
+                      f'would stage {this} bytes; with {used} bytes in its images{besides} '
+                      f'that is {used + others + this} of {store.quota_bytes} allowed')
+
+
+class MigrationLedger:
+    """What one gateway's live migration streams hold, per account: how many run (either
+    direction: each holds a worker thread, spool space and a frozen or arriving job), and
+    how many bytes the incoming ones have *staged* on this node's disk (signed parts, page
+    files, archives being imported).
+
+    An account's staged bytes, over all its live streams, plus what its images use, never
+    pass its image quota: :meth:`charge` refuses (``quota-exceeded``) the bytes that would.
+    What the images use is the latest figure the streams learnt (:meth:`note_stored`, at
+    each stream's start and after an import).  Belongs to one :class:`CRService`; thread-safe
+    (archives are received in worker threads).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._uid: dict[int, int] = {}  # stream token -> uid
+        self._staged: dict[int, int] = {}  # stream token -> bytes it has staged
+        self._stored: dict[int, int] = {}  # uid -> bytes its images use (last known)
+        self._tokens = itertools.count(1)
+
+    def enter(self, uid: int) -> int:
+        """Count a new stream of *uid*; its token (give it back with :meth:`leave`)."""
+        with self._lock:
+            token = next(self._tokens)
+            self._uid[token], self._staged[token] = uid, 0
+            return token
+
+    def leave(self, token: int) -> None:
+        """The stream ended and what it staged is gone: it counts no more."""
+        with self._lock:
+            uid = self._uid.pop(token, None)
+            self._staged.pop(token, None)
+            if uid is not None and uid not in self._uid.values():
+                self._stored.pop(uid, None)
+
+    def live(self, uid: int | None = None) -> int:
+        """Live streams of *uid* (of every account: None)."""
+        with self._lock:
+            return sum(1 for u in self._uid.values() if uid is None or u == uid)
+
+    def note_stored(self, uid: int, used: int) -> None:
+        """*uid*'s images use *used* bytes now (read from the image store)."""
+        with self._lock:
+            self._stored[uid] = used
+
+    def staged(self, uid: int) -> int:
+        """Bytes staged by all live streams of *uid*."""
+        with self._lock:
+            return sum(self._staged[t] for t, u in self._uid.items() if u == uid)
+
+    def charge(self, token: int, nbytes: int, store: ImageStore) -> None:
+        """Stream *token* is about to stage *nbytes* more; ImageError ``quota-exceeded`` (and
+        nothing charged) when that would take its account past the image quota."""
+        with self._lock:
+            self._set(token, self._staged[token] + nbytes, store)
+
+    def settle(self, token: int, total: int, store: ImageStore) -> None:
+        """What stream *token* has staged is exactly *total* bytes (measured on disk), checked
+        against the quota as :meth:`charge`."""
+        with self._lock:
+            self._set(token, total, store)
+
+    def _set(self, token: int, total: int, store: ImageStore) -> None:
+        uid = self._uid[token]
+        others = [t for t, u in self._uid.items() if u == uid and t != token and self._staged[t]]
+        other_bytes = sum(self._staged[t] for t in others)
+        used = self._stored.get(uid, 0)
+        if used + other_bytes + total > store.quota_bytes:
+            raise quota_error(store, uid, used, total, other_bytes, len(others))
+        self._staged[token] = total
 
 
 def receive_signed(store: ImageStore, account: LocalAccount, owner: Owner, src: BinaryIO,
-                   budget: int, used: int) -> Staged:
+                   budget: int, charge: Callable[[int], None]) -> Staged:
     """Read and verify the signed part from *src* into a fresh staging directory, as an
-    import does (hostile input), without storing it; at most *budget* bytes of files."""
+    import does (hostile input), without storing it; at most *budget* bytes of files, each
+    member's bytes passed to *charge* (:meth:`MigrationLedger.charge`: it refuses what would
+    pass the quota) before they are written."""
     check_account(account)
     ufd = _migrate_root(store, account.uid)
     name = secrets.token_hex(8)
@@ -174,7 +259,8 @@ def receive_signed(store: ImageStore, account: LocalAccount, owner: Owner, src: 
         try:
             manifest, _ = receive_signed_archive(
                 sfd, src, store.trusted, account, owner, budget,
-                lambda total: quota_error(store, account.uid, used, total))
+                lambda total: quota_error(store, account.uid, store.quota_bytes - budget, total),
+                charge=charge)
         finally:
             os.close(sfd)
     except BaseException:
@@ -266,16 +352,67 @@ def assemble(store: ImageStore, account: LocalAccount, staged: Staged,
     return str(store.restore_root / str(account.uid) / name)
 
 
-def discard(path: str | Path | None) -> None:
-    """Remove a directory this module (or the spool) made, without following links."""
-    if not path:
-        return
-    parent, leaf = os.path.split(os.path.abspath(path))
+def prune_at_start(state_dir: str | Path, spool_dir: str | Path) -> list[str]:
+    """Remove what a gateway that stopped mid-way left in the spool (``<spool>/<uid>/*``:
+    dumps, page-server and lazy-pages work directories, written by accounts, holding
+    whatever the account put there) and in ``STATE/cr-migrate/<uid>/*`` (signed parts being
+    received).  Called once at gateway start, before any operation is served: nothing in
+    there can be in use, and nothing counts it against any quota.  Nothing is followed
+    (:func:`imagefs.remove`); an entry that is not what root makes there (a root-owned
+    ``<uid>`` directory closed to others) is removed whole.  Returns what was removed, as
+    ``TOP/UID/NAME`` (TOP: the directory's name); what could not be is logged by
+    :func:`imagefs.remove` and left for the next start."""
+    removed: list[str] = []
+    for top in (Path(spool_dir), Path(state_dir) / 'cr-migrate'):
+        try:
+            tfd = open_dir(str(top))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning('not pruning %s: %s', top, exc.strerror)
+            continue
+        try:
+            st = os.fstat(tfd)
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                log.warning('not pruning %s: not a root-owned directory closed to others', top)
+                continue
+            for uid_name in sorted(os.listdir(tfd)):
+                _prune_uid_dir(tfd, top.name, uid_name, removed)
+        finally:
+            os.close(tfd)
+    return removed
+
+
+def _prune_uid_dir(tfd: int, top: str, name: str, removed: list[str]) -> None:
+    """Empty ``TOP/NAME`` (a ``<uid>`` directory root made) or remove it whole if it is
+    anything else; append what went to *removed*."""
     try:
-        pfd = open_dir(parent)
-    except OSError:
+        ufd = open_dir(name, tfd)
+    except OSError:  # a symlink or a file: root never puts one there
+        remove(tfd, name)
+        removed.append(f'{top}/{name}')
         return
     try:
-        remove(pfd, leaf)
+        st = os.fstat(ufd)
+        if not name.isdigit() or st.st_uid != 0 or st.st_mode & 0o022:
+            whole = True
+        else:
+            whole = False
+            for entry in sorted(os.listdir(ufd)):
+                remove(ufd, entry)
+                try:
+                    os.stat(entry, dir_fd=ufd, follow_symlinks=False)
+                except FileNotFoundError:
+                    removed.append(f'{top}/{name}/{entry}')
     finally:
-        os.close(pfd)
+        os.close(ufd)
+    if whole:
+        remove(tfd, name)
+        removed.append(f'{top}/{name}')
+
+
+def discard(path: str | Path | None) -> None:
+    """Remove a directory this module (or the spool) made, without following links, also
+    while the account it was given to changes it (:func:`imagefs.remove_path`)."""
+    if path:
+        remove_path(path)

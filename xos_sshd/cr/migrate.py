@@ -25,7 +25,9 @@ seal: take the dump over, sign a manifest
 end the frozen job (SIGKILL its namespace)
 ``M finished``                               -->  (done)
 
-Any failure sends ``M failed {side, step, reason, error}``.  Before ``complete`` the source
+Any failure sends ``M failed {side, step, reason, error}``.  Everything the peer says is
+hostile: its text reaches logs and the audit log only through :func:`service.one_line`
+(no control characters, bounded) and a reason only as a code (:class:`MigrationFailed`).  Before ``complete`` the source
 *thaws* the job (SIGCONT: it goes on where it was frozen) and says ``M aborted
 {running: true}``; the target removes what it received and, in lazy mode, kills the copy it
 restored (its memory would be incomplete) *before* the source thaws the original, so the job
@@ -38,9 +40,11 @@ job never waits on a dead relay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -60,7 +64,7 @@ from .pagestream import (
     cancel_quietly,
     decode_message,
 )
-from .service import JOB_ID, Caller, CRError, CRService
+from .service import JOB_ID, Caller, CRError, CRService, one_line
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +85,32 @@ TRANSFER_TIMEOUT = 3600.0
 MAX_MESSAGES = 64
 #: Live migration streams allowed per account and on the whole gateway: each holds a worker
 #: thread while its archive moves, spool space, and a frozen or arriving job, so a user
-#: opening many (and stalling them with keepalives) must not starve everyone else.
+#: opening many (and stalling them with keepalives) must not starve everyone else.  Counted
+#: by each gateway's own ``CRService.migrations`` (migimage.MigrationLedger).
 MAX_PER_ACCOUNT = 2
 MAX_PER_GATEWAY = 8
-_live_by_uid: dict[int, int] = {}
+#: A failure's reason is a stable code; a peer's that is not one is reported as ``peer-failed``.
+REASON = re.compile(r'^[a-z0-9][a-z0-9-]{0,63}\Z')
+SIDES = ('source', 'target')
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOCKET_BUFFER = 4 << 20
 
 
 class MigrationFailed(Exception):
-    """A step failed here (``side`` = this gateway) or at the peer (``peer=True``)."""
+    """A step failed here (``side`` = this gateway) or at the peer (``peer=True``).
+
+    Every field is made safe for a log or audit line here, the one place a failure is made
+    (a peer's ``failed`` message is hostile text): *step* and the message through
+    :func:`one_line` (200 and 2000 characters), *reason* kept only if it is a code
+    (:data:`REASON`, else ``peer-failed``), *side* only ``source`` or ``target``."""
 
     def __init__(self, step: str, reason: str, message: str, *, peer: bool = False,
                  side: str = '') -> None:
-        super().__init__(message)
-        self.step = step
-        self.reason = reason
+        super().__init__(one_line(message, 2000))
+        self.step = one_line(step, 200)
+        self.reason = reason if isinstance(reason, str) and REASON.match(reason) else 'peer-failed'
         self.peer = peer
-        self.side = side
+        self.side = side if side in SIDES else ''
 
 
 def _as_failure(step: str, exc: BaseException) -> MigrationFailed:
@@ -111,7 +123,7 @@ def _as_failure(step: str, exc: BaseException) -> MigrationFailed:
         log.error('migration step %r failed', step, exc_info=exc)
         reason, text = 'internal-error', f'{type(exc).__name__} (see the gateway log)'
     else:
-        text = ' '.join(str(exc).split())[:2000]
+        text = str(exc)
     return MigrationFailed(step, reason, text)
 
 
@@ -136,6 +148,7 @@ class Session:
         self.keepalive: asyncio.Future[None] | None = None
         self.route_error: BaseException | None = None
         self.started = time.monotonic()
+        self.token = 0  # in the service's MigrationLedger, while run() runs
 
     @property
     def account(self) -> Any:
@@ -252,11 +265,11 @@ class Session:
         return None
 
     def _peer_failed(self, msg: Mapping[str, Any]) -> MigrationFailed:
-        """The peer's ``failed`` message (its fields are the peer's word: bounded strings)."""
-        return MigrationFailed(str(msg.get('step') or self.step)[:200],
-                               str(msg.get('reason') or 'failed')[:64],
-                               str(msg.get('error') or '')[:2000], peer=True,
-                               side=str(msg.get('side') or '')[:16])
+        """The peer's ``failed`` message (its fields are the peer's word: MigrationFailed
+        makes them safe)."""
+        return MigrationFailed(str(msg.get('step') or self.step), str(msg.get('reason')),
+                               str(msg.get('error') or ''), peer=True,
+                               side=str(msg.get('side') or ''))
 
     async def _why(self, step: str, exc: BaseException) -> MigrationFailed:
         """What made CRIU fail: the peer's failure, a refusal of what the stream carried
@@ -280,12 +293,16 @@ class Session:
     async def run(self, stream: FrameStream) -> int:
         """Migrate over *stream*: 0 when done, 1 when it failed (undone as far as it can be;
         ``_abort`` says how).  Cancelled (the gateway stopping): undone, then re-raised.
-        The whole run is bounded by :data:`TRANSFER_TIMEOUT`, whatever keepalives say."""
+        The whole run is bounded by :data:`TRANSFER_TIMEOUT`, whatever keepalives say.
+        The stream counts in the service's ledger (concurrency, staged bytes) until what it
+        made is removed; the source has its job (``CRService.job_op``) until it is over."""
         self.stream = stream
-        uid = self.account.uid
-        _live_by_uid[uid] = _live_by_uid.get(uid, 0) + 1
+        ledger = self.service.migrations
+        self.token = ledger.enter(self.account.uid)
+        claim = contextlib.ExitStack()
         try:
-            _check_concurrency(uid, live_included=True)
+            check_concurrency(self.service, self.account.uid, live_included=True)
+            claim.enter_context(self._claim())
             await self._setup()
             self.router = asyncio.ensure_future(self._route())
             self.keepalive = asyncio.ensure_future(stream.keepalive())
@@ -298,13 +315,16 @@ class Session:
                 raise
             return 1
         finally:
-            _live_by_uid[uid] -= 1
-            if not _live_by_uid[uid]:
-                del _live_by_uid[uid]
             try:
                 await self._cleanup()
             finally:
+                claim.close()
+                ledger.leave(self.token)
                 await self.shutdown()
+
+    def _claim(self) -> contextlib.AbstractContextManager[Any]:
+        """What this side has for the whole run (the source: its job)."""
+        return contextlib.nullcontext()
 
     async def _setup(self) -> None:
         """What must exist before the first frame is read."""
@@ -320,9 +340,10 @@ class Session:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def start_pump(self, limit: int | None = None, on_limit: Any = None) -> int:
+    def start_pump(self, charge: Any = None) -> int:
         """A socketpair for CRIU's ``--ps-socket``: returns CRIU's end (a raw fd, closed by
-        whoever passes it on); the gateway's end is bridged to ``P`` frames."""
+        whoever passes it on); the gateway's end is bridged to ``P`` frames.  *charge*: see
+        :class:`SocketPump` (page bytes a page server writes to disk)."""
         assert self.stream is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for sock in (ours, theirs):  # room for whole frames both ways (root may force it)
@@ -331,7 +352,7 @@ class Session:
                     sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
                 except OSError:
                     pass
-        self.pump = SocketPump(ours, self.stream, limit, on_limit)
+        self.pump = SocketPump(ours, self.stream, charge)
         self.pump_task = asyncio.ensure_future(self.pump.run())
         return theirs.detach()
 
@@ -382,6 +403,9 @@ class Outbound(Session):
         self.sealed: migimage.Sealed | None = None
         self.frozen_at = 0.0
         self.restored: dict[str, Any] | None = None
+
+    def _claim(self) -> contextlib.AbstractContextManager[Any]:
+        return self.service.job_op(self.job.id, 'migration')
 
     async def _cleanup(self) -> None:
         if self.sealed is not None:
@@ -439,8 +463,8 @@ class Outbound(Session):
         if self.mode == 'lazy-pages':  # CRIU ends once the daemon said it has everything
             await asyncio.wait_for(self._dump_result(), 60)
         self.step = STEP_END
-        new_job = str(self.restored.get('job') or '')[:64]
-        target = str(self.restored.get('node') or '')[:200]
+        new_job = one_line(self.restored.get('job') or '', 64)  # the peer's word
+        target = one_line(self.restored.get('node') or '', 200)
         criu.kill_namespace(job.namespace, job.uid)
         await jobs.table.update(job.id, expect_state='running', state='killed',
                                 ended=time.time(), detail=f'migrated to {target} as {new_job} '
@@ -477,13 +501,16 @@ class Outbound(Session):
                 await asyncio.wait_for(asyncio.shield(self.router), 15)
             except (Exception, asyncio.CancelledError):  # noqa: BLE001
                 pass
-        thawed = criu.thaw_namespace(self.job.namespace, self.job.uid)
+        # Only what this migration froze is thawed: before its dump the job was not touched
+        # (it may be another operation's, when the job was busy).
+        thawed = (criu.thaw_namespace(self.job.namespace, self.job.uid)
+                  if self.dump_task is not None else 0)
         running = bool(criu.namespace_members(self.job.namespace, self.job.uid))
         log.warning('migration of job %s stopped at %r (%s): %s; thawed %d processes',
                     self.job.id, failure.step, failure.reason, failure, thawed)
         self.audit('refused', job=self.job.id, step=failure.step, reason=failure.reason,
-                   message=' '.join(str(failure).split())[:500],
-                   failed_at='target' if failure.peer else 'source', running=running)
+                   message=one_line(failure), failed_at='target' if failure.peer else 'source',
+                   running=running)
         if self.stream is not None:
             try:
                 await asyncio.wait_for(self.stream.send_message(
@@ -503,7 +530,6 @@ class Inbound(Session):
 
     def __init__(self, service: CRService, caller: Caller, mode: str, used: int) -> None:
         super().__init__(service, caller, mode)
-        self.used = used
         self.budget = service.images.quota_bytes - used
         self.daemon: criu.CriuDaemon | None = None
         self.dirs: list[str] = []
@@ -519,9 +545,8 @@ class Inbound(Session):
     async def _setup(self) -> None:
         # Everything the frames may go to exists before the first frame is read.
         self.feed = ArchiveFeed()
-        if self.mode != 'dump-copy':
-            self.criu_fd = self.start_pump(
-                limit=self.budget if self.mode == 'page-server' else None, on_limit=self._quota)
+        if self.mode != 'dump-copy':  # a page server writes the page bytes to disk
+            self.criu_fd = self.start_pump(self._charge if self.mode == 'page-server' else None)
         if self.mode == 'page-server':
             self.step = STEP_PAGES
             self.recv_dir = self._user_dir('r')
@@ -543,8 +568,10 @@ class Inbound(Session):
         for path in [*self.dirs, self.staged.path if self.staged else None]:
             await asyncio.to_thread(migimage.discard, path)
 
-    def _quota(self, total: int) -> ImageError:
-        return migimage.quota_error(self.service.images, self.account.uid, self.used, total)
+    def _charge(self, nbytes: int) -> None:
+        """*nbytes* more staged on disk by this stream: charged to the account across all its
+        streams, ImageError ``quota-exceeded`` past its image quota (MigrationLedger)."""
+        self.service.migrations.charge(self.token, nbytes, self.service.images)
 
     def _user_dir(self, prefix: str) -> str:
         path = self.service.jobs._make_image_dir(self.account, prefix + secrets.token_hex(8))
@@ -554,7 +581,7 @@ class Inbound(Session):
     async def _receive_signed(self) -> migimage.Staged:
         task = asyncio.ensure_future(asyncio.to_thread(
             migimage.receive_signed, self.service.images, self.account, self.caller.owner,
-            self.feed, self.budget, self.used))
+            self.feed, self.budget, self._charge))
         self.tasks.append(task)
         self.staged = await task
         return self.staged
@@ -562,6 +589,9 @@ class Inbound(Session):
     async def _migrate(self) -> None:
         assert self.stream is not None
         hello = await self.expect('hello')
+        if hello.get('mode') != self.mode:
+            raise MigrationFailed(STEP_START, 'bad-stream', f'the source sends '
+                                  f'{one_line(hello.get("mode"), 32)!r}, not {self.mode}')
         jobs = self.service.jobs
         if self.mode == 'dump-copy':
             await self._dump_copy(hello)
@@ -573,6 +603,14 @@ class Inbound(Session):
             self.tasks.append(signed)
             finish = asyncio.ensure_future(self.daemon.finish(TRANSFER_TIMEOUT))
             self.tasks.append(finish)
+            # The signed part may be refused (quota...) before the pages are all in; a
+            # stream that broke ends both, and _why below says why.
+            await asyncio.wait({finish, signed}, return_when=asyncio.FIRST_COMPLETED)
+            refused = (signed.exception() if signed.done() and not signed.cancelled()
+                       else None)
+            if isinstance(refused, ImageError) and not finish.done():
+                self.step = STEP_VERIFY
+                raise refused
             try:
                 await finish
             except criu.CriuError as exc:
@@ -580,9 +618,11 @@ class Inbound(Session):
             self.step = STEP_VERIFY
             staged = await signed
             pages = await asyncio.to_thread(migimage.take_pages, recv_dir, self.account)
-            total = staged.manifest.size_bytes + sum(p.size for p in pages.values())
-            if total > self.budget:
-                raise self._quota(total)
+            # What is on disk now (the account may have written to the page server's
+            # directory besides it) replaces what the stream was charged for on the way.
+            self.service.migrations.settle(
+                self.token, staged.manifest.size_bytes + sum(p.size for p in pages.values()),
+                self.service.images)
             self.restore_dir = await asyncio.to_thread(
                 migimage.assemble, self.service.images, self.account, staged, recv_dir, pages)
             self.step = STEP_RESTART
@@ -612,7 +652,7 @@ class Inbound(Session):
         self.complete = True
         assert self.job is not None
         self.audit('ok', job=self.job.id, source_node=self.source_node,
-                   source_job=str(hello.get('job'))[:64], image=self.image_id)
+                   source_job=one_line(hello.get('job'), 64), image=self.image_id)
         self.step = STEP_END
         try:
             await self.expect('finished')
@@ -622,36 +662,43 @@ class Inbound(Session):
 
     @property
     def source_node(self) -> str | None:
-        return self.staged.manifest.node if self.staged else None
+        return one_line(self.staged.manifest.node, 200) if self.staged else None
 
     def _restored_detail(self, staged: migimage.Staged) -> str:
-        return f'migrated from {staged.manifest.node} ({self.mode})'
+        return f'migrated from {one_line(staged.manifest.node, 200)} ({self.mode})'
 
     async def _restore(self, staged: migimage.Staged, hello: Mapping[str, Any],
                        extra: list[str] | None = None) -> None:
         assert self.stream is not None and self.restore_dir is not None
         jobs = self.service.jobs
         started = time.monotonic()
-        job = await jobs.restore(self.restore_dir, self.account, image_id=staged.manifest.id,
-                                 extra_args=extra or ())
-        self.job = job
-        log_job = hello.get('log_job')
-        if not isinstance(log_job, str) or not JOB_ID.match(log_job):
-            log_job = staged.manifest.job_id or job.id
-        await jobs.table.update(
-            job.id, command=json.dumps(list(staged.manifest.command)),
-            log_dir=os.path.join(self.account.home, JOBS_DIR, log_job),
-            # Until its memory has arrived a lazily restored job is marked, before anything
-            # else can happen (jobs.reconcile kills it if the gateway stops meanwhile).
-            detail=LAZY_PULL_DETAIL if self.mode == 'lazy-pages' else self._restored_detail(staged))
+        # A restore starts a job: the same lock and limit as run and restart.
+        async with self.service.starting_job(self.caller):
+            job = await jobs.restore(self.restore_dir, self.account,
+                                     image_id=staged.manifest.id, extra_args=extra or ())
+            self.job = job
+            log_job = hello.get('log_job')
+            if not isinstance(log_job, str) or not JOB_ID.match(log_job):
+                log_job = staged.manifest.job_id or job.id
+            await jobs.table.update(
+                job.id, command=json.dumps(list(staged.manifest.command)),
+                log_dir=os.path.join(self.account.home, JOBS_DIR, log_job),
+                # Until its memory has arrived a lazily restored job is marked, before
+                # anything else can happen (jobs.reconcile kills it if the gateway stops).
+                detail=(LAZY_PULL_DETAIL if self.mode == 'lazy-pages'
+                        else self._restored_detail(staged)))
         await self.stream.send_message('restored', job=job.id, node=jobs.node,
                                        seconds=round(time.monotonic() - started, 3))
 
     async def _dump_copy(self, hello: Mapping[str, Any]) -> None:
         assert self.stream is not None and self.feed is not None
         self.step = STEP_VERIFY
-        info = await self.service.import_archive(self.caller, self.feed)
+        info = await self.service.import_archive(self.caller, self.feed, charge=self._charge)
         self.image_id = info.id
+        # Its bytes are the account's stored image now (still charged to this stream until
+        # it ends: counted twice for a while, never not at all).
+        self.service.migrations.note_stored(
+            self.account.uid, (await self.service.images.usage(self.account.uid))[0])
         self.step = STEP_RESTART
         log_job = hello.get('log_job')
         reply = await self.service.handle(self.caller, {
@@ -685,7 +732,7 @@ class Inbound(Session):
         log.warning('incoming migration for %s stopped at %r (%s): %s', self.account.name,
                     failure.step, failure.reason, failure)
         self.audit('refused', job=self.job.id if self.job else None, step=failure.step,
-                   reason=failure.reason, message=' '.join(str(failure).split())[:500],
+                   reason=failure.reason, message=one_line(failure),
                    failed_at='source' if failure.peer else 'target',
                    source_node=self.source_node)
 
@@ -700,7 +747,7 @@ async def prepare(service: CRService, caller: Caller, request: Mapping[str, Any]
     mode = request.get('mode')
     if mode not in MODES:
         raise CRError('bad-request', f'field "mode" must be one of {", ".join(MODES)}')
-    _check_concurrency(caller.account.uid, live_included=False)
+    check_concurrency(service, caller.account.uid, live_included=False)
     if service.unavailable:
         raise CRError('criu-unavailable', f'checkpoint/restart is not available on this '
                       f'node: {service.unavailable}')
@@ -710,6 +757,7 @@ async def prepare(service: CRService, caller: Caller, request: Mapping[str, Any]
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             raise CRError('no-such-job', f'no job {str(job_id)[:80]!r}')
         job = await service.job_of(caller, job_id)
+        service.check_job_free(job.id)  # and again when the stream starts (Outbound._claim)
         job = await service.jobs.running(job.id, caller.account)
         if probe is not None and mode == 'lazy-pages':
             caps = await probe.caps(await asyncio.to_thread(job_memory, job.namespace, job.uid))
@@ -722,26 +770,30 @@ async def prepare(service: CRService, caller: Caller, request: Mapping[str, Any]
         if mode not in caps.receive:
             raise CRError('mode-unavailable', f'this node cannot receive lazy-pages: '
                           f'{caps.why.get(mode, "")}')
-    if getattr(service, 'max_jobs', 0):
-        await service._check_job_limit(caller)
-    used, count = await service.images.usage(caller.account.uid)
-    if used >= service.images.quota_bytes or (
+    if service.max_jobs:
+        await service._check_job_limit(caller)  # early; the restore itself takes the lock
+    uid = caller.account.uid
+    used, count = await service.images.usage(uid)
+    service.migrations.note_stored(uid, used)
+    staged = service.migrations.staged(uid)
+    if used + staged >= service.images.quota_bytes or (
             mode == 'dump-copy' and count + 1 > service.images.quota_count):
-        raise ImageError('quota-exceeded', f'image quota exceeded for uid {caller.account.uid}: '
-                         f'{count} images, {used} bytes of {service.images.quota_bytes} '
-                         f'allowed ({service.images.quota_count} images)')
+        raise ImageError('quota-exceeded', f'image quota exceeded for uid {uid}: {count} '
+                         f'images, {used} bytes and {staged} staged by incoming migrations '
+                         f'of {service.images.quota_bytes} allowed '
+                         f'({service.images.quota_count} images)')
     return Inbound(service, caller, mode, used)
 
 
-def _check_concurrency(uid: int, live_included: bool) -> None:
-    """Refuse a migration stream beyond :data:`MAX_PER_ACCOUNT` / :data:`MAX_PER_GATEWAY`
-    (checked before the ``ok`` reply, and again when the stream runs: *live_included* says
-    the caller is already counted)."""
+def check_concurrency(service: CRService, uid: int, live_included: bool) -> None:
+    """Refuse a migration stream beyond :data:`MAX_PER_ACCOUNT` / :data:`MAX_PER_GATEWAY` on
+    *service*'s gateway (checked before the ``ok`` reply, and again when the stream runs:
+    *live_included* says the caller is already counted)."""
     extra = 0 if live_included else 1
-    if _live_by_uid.get(uid, 0) + extra > MAX_PER_ACCOUNT:
+    if service.migrations.live(uid) + extra > MAX_PER_ACCOUNT:
         raise CRError('too-many-migrations', f'this account already has {MAX_PER_ACCOUNT} '
                       f'migrations in progress on this node: wait for one to end')
-    if sum(_live_by_uid.values()) + extra > MAX_PER_GATEWAY:
+    if service.migrations.live() + extra > MAX_PER_GATEWAY:
         raise CRError('too-many-migrations', f'this node already runs {MAX_PER_GATEWAY} '
                       f'migrations: try again later')
 

@@ -148,17 +148,17 @@ class SocketPump:
     """The gateway's end of a CRIU ``--ps-socket`` pair, bridged to ``P``/``p`` frames.
 
     :meth:`run` copies what CRIU writes into ``P`` frames (then one ``p``); :meth:`feed`
-    writes a received ``P`` payload to CRIU, :meth:`feed_end` half-closes.  *limit*, when
-    set, bounds the bytes fed to CRIU (a page server writes them to disk: the quota).
+    writes a received ``P`` payload to CRIU, :meth:`feed_end` half-closes.  *charge*, when
+    set, is told the size of each payload before it goes to CRIU and refuses it by raising
+    (a page server writes them to disk: the account's quota, across all its streams).
     """
 
-    def __init__(self, sock: socket.socket, stream: FrameStream, limit: int | None = None,
-                 on_limit: Callable[[int], Exception] | None = None) -> None:
+    def __init__(self, sock: socket.socket, stream: FrameStream,
+                 charge: Callable[[int], None] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.stream = stream
-        self.limit = limit
-        self.on_limit = on_limit
+        self.charge = charge
         self.fed = 0
         self.read = 0
         self.closed = False
@@ -178,10 +178,9 @@ class SocketPump:
         await self.stream.send(b'p')
 
     async def feed(self, data: bytes) -> None:
+        if self.charge is not None:
+            self.charge(len(data))
         self.fed += len(data)
-        if self.limit is not None and self.fed > self.limit:
-            raise (self.on_limit(self.fed) if self.on_limit
-                   else StreamError('quota-exceeded', f'more than {self.limit} bytes'))
         try:
             await asyncio.get_running_loop().sock_sendall(self.sock, data)
         except (ConnectionError, OSError) as exc:

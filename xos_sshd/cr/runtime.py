@@ -31,6 +31,7 @@ from . import criu
 from .images import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_COUNT, ImageStore, Owner
 from .jobs import JobManager, JobTable, reconcile
 from .migcaps import MigrationProbe
+from .migimage import prune_at_start
 from .reaper import Reaper
 from .service import Caller, CRService
 from .subsystem import subsystems
@@ -90,6 +91,11 @@ class CRRuntime:
                         state=new_state)
         if changed:
             log.info('job table reconciled: %s', ', '.join(f'{j} {s}' for j, s in changed.items()))
+        # Dumps and migrations cut off by the stop of the previous run: nothing uses them now.
+        pruned = await asyncio.to_thread(prune_at_start, state, jobs.spool_dir)
+        if pruned:
+            log.info('pruned %d stale spool entries left by the previous run: %s', len(pruned),
+                     ', '.join(pruned[:100]) + (' ...' if len(pruned) > 100 else ''))
         service = CRService(jobs, images, audit, criu_version=version, unavailable=unavailable,
                             job_env={'XOS_CR_SOCKET': cr_socket} if cr_socket else None)
         # Migration modes: CRIU's kernel features probed in the background (cr/migcaps.py).

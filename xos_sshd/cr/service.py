@@ -29,14 +29,14 @@ child running as the account (:data:`LOG_READER`, through ``setpriv`` as CRIU is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,11 @@ from typing import Any
 from ..ams import LocalAccount
 from ..control.protocol import error_reply
 from . import criu
+from .imagefs import remove_path
 from .images import ImageError, ImageInfo, ImageStore, Owner
 from .jobs import JOBS_DIR, Job, JobError, JobManager, process_alive
 from .manifest import ID_RE
+from .migimage import MigrationLedger
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,10 @@ class CRService:
         #: ``[limits] max_jobs_per_account`` (0: no limit), set by the gateway.
         self.max_jobs = 0
         self._start_locks: dict[int, asyncio.Lock] = {}
+        #: Job id -> the operation that has it (checkpoint, kill, migration): see job_op.
+        self._job_ops: dict[str, str] = {}
+        #: This gateway's live migration streams and the bytes they staged (cr/migrate.py).
+        self.migrations = MigrationLedger()
         self._handlers = {
             'run': self._run, 'list': self._list, 'logs': self._logs, 'kill': self._kill,
             'checkpoint': self._checkpoint, 'restart': self._restart, 'images': self._images,
@@ -184,9 +190,8 @@ class CRService:
             if op in NEEDS_CRIU and self.unavailable:
                 raise CRError('criu-unavailable', f'checkpoint/restart is not available on '
                               f'this node: {self.unavailable}')
-            if op in STARTS_JOB and self.max_jobs:
-                async with self._start_locks.setdefault(caller.account.uid, asyncio.Lock()):
-                    await self._check_job_limit(caller)
+            if op in STARTS_JOB:
+                async with self.starting_job(caller):
                     return {'ok': True, **await handler(caller, request)}
             return {'ok': True, **await handler(caller, request)}
         except (CRError, JobError, ImageError) as exc:
@@ -211,7 +216,7 @@ class CRService:
             extra = dict(getattr(exc, 'audit_fields', None) or {})
             if started is not None:
                 extra['seconds'] = round(time.monotonic() - started, 3)
-            self._audit(caller, op, 'refused', reason=reason, message=_one_line(message),
+            self._audit(caller, op, 'refused', reason=reason, message=one_line(message),
                         job=_safe(request.get('job')), image=_safe(request.get('image')),
                         **extra)
         return error_reply(reason, message)
@@ -239,6 +244,42 @@ class CRService:
         if not isinstance(value, bool):
             raise CRError('bad-request', f'field {key!r} must be true or false')
         return value
+
+    # --- one way to start a job, one operation per job at a time ---------------------------
+
+    @contextlib.asynccontextmanager
+    async def starting_job(self, caller: Caller) -> AsyncIterator[None]:
+        """Start a job for *caller* inside this: ``run``, ``restart`` and a migration's
+        restore alike.  With ``max_jobs`` set, it holds the account's start lock and refuses
+        ``too-many-jobs`` at the limit (:meth:`_check_job_limit`), so no two starts (whatever
+        transport or op) can pass the limit together."""
+        if not self.max_jobs:
+            yield
+            return
+        async with self._start_locks.setdefault(caller.account.uid, asyncio.Lock()):
+            await self._check_job_limit(caller)
+            yield
+
+    def check_job_free(self, job_id: str) -> None:
+        """Refuse (``job-busy``, at once: nobody waits) when another operation has the job."""
+        busy = self._job_ops.get(job_id)
+        if busy is not None:
+            raise CRError('job-busy', f'job {job_id} is busy: {busy} in progress; try again '
+                          f'once it is over')
+
+    @contextlib.contextmanager
+    def job_op(self, job_id: str, what: str) -> Iterator[None]:
+        """Have job *job_id* for operation *what* (``checkpoint``, ``kill``, ``migration``)
+        while inside this: a checkpoint, a kill or a migration of a job that another of them
+        has is refused ``job-busy`` (:meth:`check_job_free`) instead of racing it (a thaw at
+        the wrong moment, a job killed while its copy restores).  Take it only for the
+        caller's own job (after :meth:`job_of`): the refusal names the job."""
+        self.check_job_free(job_id)
+        self._job_ops[job_id] = what
+        try:
+            yield
+        finally:
+            del self._job_ops[job_id]
 
     # --- ownership --------------------------------------------------------------------------
 
@@ -336,11 +377,12 @@ class CRService:
             raise CRError('bad-request', f'field "signal" must be one of {", ".join(KILL_SIGNALS)}')
         name = name.upper().removeprefix('SIG')
         job = await self.job_of(caller, job_id)
-        job = await self.jobs.kill(job.id, caller.account, KILL_SIGNALS[name])
-        ended = await self._wait_ended(job, KILL_WAIT if name in ('TERM', 'KILL', 'INT', 'HUP', 'QUIT') else 0)
-        if ended and job.state == 'running':
-            await self.jobs.table.update(job.id, expect_state='running', state='killed',
-                                         ended=time.time(), detail=f'SIG{name} by request')
+        with self.job_op(job.id, 'kill'):
+            job = await self.jobs.kill(job.id, caller.account, KILL_SIGNALS[name])
+            ended = await self._wait_ended(job, KILL_WAIT if name in ('TERM', 'KILL', 'INT', 'HUP', 'QUIT') else 0)
+            if ended and job.state == 'running':
+                await self.jobs.table.update(job.id, expect_state='running', state='killed',
+                                             ended=time.time(), detail=f'SIG{name} by request')
         self._audit(caller, 'kill', job=job.id, signal=name, ended=ended)
         got = await self.jobs.table.get(job.id)
         return {'job': (got or job).as_dict(), 'ended': ended}
@@ -369,11 +411,12 @@ class CRService:
                 return await self.images.commit(images_dir, caller.account, caller.owner,
                                                 job.id, tuple(job.command), self.criu_version)
             except BaseException:
-                shutil.rmtree(images_dir, ignore_errors=True)
+                await asyncio.to_thread(remove_path, images_dir)  # never follows the account's links
                 raise
 
         try:  # with stop, the job ends only once the image is committed (JobManager)
-            ck = await self.jobs.checkpoint(job.id, caller.account, stop=stop, commit=commit)
+            with self.job_op(job.id, 'checkpoint'):
+                ck = await self.jobs.checkpoint(job.id, caller.account, stop=stop, commit=commit)
         except (CRError, JobError, ImageError) as exc:
             if not stop or not (dumped or exc.reason == 'checkpoint-failed'):
                 raise
@@ -487,13 +530,16 @@ class CRService:
         except (OSError, ValueError) as exc:
             log.warning('could not remove export %s: %s', path, exc)
 
-    async def import_archive(self, caller: Caller, fileobj: Any, upload: str = '') -> ImageInfo:
-        """Verify and store an uploaded archive as the caller's image; return its ImageInfo."""
+    async def import_archive(self, caller: Caller, fileobj: Any, upload: str = '', *,
+                             charge: Any = None) -> ImageInfo:
+        """Verify and store an uploaded archive as the caller's image; return its ImageInfo.
+        *charge*: see ``ImageStore.import_archive`` (a migration's staged bytes)."""
         try:
-            info = await self.images.import_archive(caller.account, caller.owner, fileobj)
+            info = await self.images.import_archive(caller.account, caller.owner, fileobj,
+                                                    charge=charge)
         except ImageError as exc:
             self._audit(caller, 'import', 'refused', reason=exc.reason,
-                        message=_one_line(str(exc)), upload=upload or None)
+                        message=one_line(str(exc)), upload=upload or None)
             raise
         self._audit(caller, 'import', image=info.id, upload=upload or None,
                     image_node=info.node, size_bytes=info.size_bytes)
@@ -559,12 +605,18 @@ def _our_zombie(pid: int | None) -> bool:
     return fields[0] == 'Z' and fields[1] == str(os.getpid())
 
 
-def _one_line(text: str) -> str:
-    return ' '.join(str(text).split())[:500]
+def one_line(text: Any, limit: int = 500) -> str:
+    """*text* made fit for one log or audit line: every control or format character (line
+    breaks, terminal escapes, NULs, bidi overrides...) becomes a space, runs of whitespace
+    one space, and at most *limit* characters are kept.  The one sanitiser for text that
+    comes from a client or a peer gateway (error messages, node names, ids as sent)."""
+    text = str(text)[:limit * 4]
+    text = ''.join(c if c.isprintable() else ' ' for c in text)
+    return ' '.join(text.split())[:limit]
 
 
 def _safe(value: Any) -> str | None:
-    return value[:80] if isinstance(value, str) else None
+    return one_line(value, 80) if isinstance(value, str) else None
 
 
 def caller_for(identity_or_account: Any, account: LocalAccount, owner_type: Any, *,
