@@ -52,6 +52,8 @@ RUN sed -Ei '/^(passwd|group):/ { /[[:space:]]xos([[:space:]]|$)/! s/[[:space:]]
  && grep -Eq '^passwd:.*[[:space:]]xos$' /etc/nsswitch.conf \
  && grep -Eq '^group:.*[[:space:]]xos$' /etc/nsswitch.conf
 COPY --from=build /src/native/build/pam_xos.so /usr/lib/x86_64-linux-gnu/security/
+# Every session process starts through it (xos_sshd/session/spawn.py looks here first).
+COPY --from=build /src/native/build/xos-session-exec /usr/libexec/xos-sshd/
 COPY deploy/config.example.toml /etc/xos-sshd/config.toml
 # The PAM service of sessions, used with [session] pam = true (README "Configuration").
 COPY deploy/pam.d/xos-sshd /etc/pam.d/xos-sshd

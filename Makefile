@@ -5,9 +5,10 @@ PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv native criu system-deps-run system-deps-test clean
+.PHONY: run test venv native native-exec criu system-deps-run system-deps-test clean
 
-run: system-deps-run $(STAMP)
+# Sessions start through native/build/xos-session-exec (the exec shim): built here too.
+run: system-deps-run $(STAMP) native-exec
 	$(VENV)/bin/xos-sshd --dev --state-dir .xos-dev --port 2222
 
 test: system-deps-test $(STAMP) native criu
@@ -22,6 +23,10 @@ $(STAMP): pyproject.toml
 
 native:
 	$(MAKE) -C native
+
+# Only the session exec shim (no libpam headers needed): what `make run` builds.
+native-exec:
+	$(MAKE) -C native exec
 
 # CRIU >= 4.0 for the checkpoint/restart tests (quiet and quick when already there).
 criu:

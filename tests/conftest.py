@@ -11,12 +11,22 @@ from typing import Iterator
 import pytest
 
 from gatewayproc import GatewayProcess, VOCA, free_uid_range, kill_uid_processes, release_uid_range
+from pgserver import pg_db, pg_server  # noqa: F401 (fixtures: a real PostgreSQL server)
 
 
 @pytest.fixture(scope='session', autouse=True)
 def _must_be_root() -> None:
     if os.geteuid() != 0:
         pytest.exit('the xos-sshd test suite runs as root (it creates processes under real uids)')
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def ams_db(request: pytest.FixtureRequest, tmp_path: Path) -> object:
+    """Where a test's AMS store is, once per backend: a sqlite file, and a fresh database
+    of the tests' PostgreSQL server (started only when a test asks for it)."""
+    if request.param == 'sqlite':
+        return tmp_path / 'ams.sqlite'
+    return request.getfixturevalue('pg_db')
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
 """The AMS's concurrency and crash guarantees, with real sqlite files and real processes.
 
+(The in-process races run on both backends, ``ams_db``; the PostgreSQL forms of the process
+and kill -9 tests are in test_ams_pg_cluster.py.)
+
 * N parallel first logins of one identity (N AMS instances in one event loop,
   and N OS processes) get exactly one account.
 * A pool under a stampede maps nobody twice and refuses the rest.
@@ -49,27 +52,34 @@ def db_mappings(db) -> list[tuple]:
 # -- many AMS instances, one event loop ---------------------------------------------
 
 
-async def test_parallel_first_logins_across_instances_get_one_account(tmp_path):
-    db, nss = tmp_path / "ams.sqlite", tmp_path / "nss"
+async def stored(ams: AMS) -> list[tuple]:
+    """(vo, vo_user, name, uid, gid) of every mapping, by uid (either backend)."""
+    return [(r.account.vo, r.account.vo_user, r.account.name, r.account.uid, r.account.gid)
+            for r in await ams.list_mappings()]
+
+
+async def test_parallel_first_logins_across_instances_get_one_account(tmp_path, ams_db):
+    db, nss = ams_db, tmp_path / "nss"
     n = 10
     instances = await asyncio.gather(*(AMS.open(db, POL, nss) for _ in range(n)))
     try:
         for user, groups in (("alice", ("atlas", "higgs")), ("bob", ("atlas",)), ("carol", ("susy", "atlas"))):
             accs = await asyncio.gather(*(a.map_identity(ident(user, groups=groups)) for a in instances))
             assert len(set(accs)) == 1, accs
-        rows = db_mappings(db)
+        rows = await stored(instances[0])
         assert [r[1] for r in rows] == ["alice", "bob", "carol"]
         # The same race with different people: all distinct uids and names.
         accs = await asyncio.gather(*(a.map_identity(ident(f"p{i}")) for i, a in enumerate(instances)))
         assert len({a.uid for a in accs}) == n and len({a.name for a in accs}) == n
+        rows = await stored(instances[0])
     finally:
         await asyncio.gather(*(a.close() for a in instances))
     names = [ln.split(":")[0] for ln in (nss / "passwd").read_text().splitlines()]
-    assert sorted(names) == sorted(r[2] for r in db_mappings(db))
+    assert sorted(names) == sorted(r[2] for r in rows)
 
 
-async def test_pool_stampede_maps_nobody_twice(tmp_path):
-    db, nss = tmp_path / "ams.sqlite", tmp_path / "nss"
+async def test_pool_stampede_maps_nobody_twice(tmp_path, ams_db):
+    db, nss = ams_db, tmp_path / "nss"
     pol = {"cms": VOPolicy("cms", kind="pool", uid_range=(250000, 250009), gid_range=(350000, 350019),
                            pool=("c1", "c2", "c3"))}
     instances = await asyncio.gather(*(AMS.open(db, pol, nss) for _ in range(8)))
@@ -78,6 +88,7 @@ async def test_pool_stampede_maps_nobody_twice(tmp_path):
             *(a.map_identity(ident(f"u{i}", vo="cms", groups=("cms",))) for i, a in enumerate(instances)),
             return_exceptions=True,
         )
+        rows = await stored(instances[0])
     finally:
         await asyncio.gather(*(a.close() for a in instances))
     ok = [r for r in results if not isinstance(r, BaseException)]
@@ -85,7 +96,7 @@ async def test_pool_stampede_maps_nobody_twice(tmp_path):
     assert sorted(a.name for a in ok) == ["c1", "c2", "c3"]
     assert len({a.vo_user for a in ok}) == 3
     assert len(refused) == 5 and all(isinstance(r, MappingRefused) and r.reason == "pool-exhausted" for r in refused)
-    assert len(db_mappings(db)) == 3
+    assert len(rows) == 3
 
 
 # -- many OS processes ---------------------------------------------------------------

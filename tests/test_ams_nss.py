@@ -29,8 +29,8 @@ def ident(user: str, groups: tuple[str, ...] = ("atlas",), vo: str = "atlas") ->
 
 
 @pytest.fixture
-async def ams(tmp_path):
-    a = await AMS.open(tmp_path / "ams.sqlite", POL, tmp_path / "nss")
+async def ams(tmp_path, ams_db):
+    a = await AMS.open(ams_db, POL, tmp_path / "nss")
     yield a
     await a.close()
 
@@ -51,20 +51,20 @@ def test_atomic_write_mode_and_no_leftovers(tmp_path):
     assert os.listdir(tmp_path) == ["passwd"]
 
 
-async def test_open_writes_empty_tables_and_cleans_stale_temps(tmp_path):
+async def test_open_writes_empty_tables_and_cleans_stale_temps(tmp_path, ams_db):
     nss = tmp_path / "nss"
     nss.mkdir()
     (nss / ".passwd.tmp.123.abcd").write_text("half")
     (nss / "passwd").write_text("stale:x:1:1::/:/bin/sh\n")
-    async with await AMS.open(tmp_path / "ams.sqlite", POL, nss):
+    async with await AMS.open(ams_db, POL, nss):
         pass
     assert (nss / "passwd").read_text() == ""
     assert (nss / "group").read_text() == ""
     assert not [n for n in os.listdir(nss) if ".tmp." in n]
 
 
-async def test_tables_catch_up_at_open_after_a_lost_rewrite(tmp_path):
-    db, nss = tmp_path / "ams.sqlite", tmp_path / "nss"
+async def test_tables_catch_up_at_open_after_a_lost_rewrite(tmp_path, ams_db):
+    db, nss = ams_db, tmp_path / "nss"
     async with await AMS.open(db, POL, nss) as ams:
         await ams.map_identity(ident("alice"))
     (nss / "passwd").write_text("")  # as if we crashed between commit and rewrite
@@ -153,8 +153,8 @@ async def test_readers_never_see_a_torn_table(ams, tmp_path):
     assert len(passwd.read_text().splitlines()) == 100
 
 
-async def test_two_instances_keep_tables_complete(tmp_path):
-    db, nss = tmp_path / "ams.sqlite", tmp_path / "nss"
+async def test_two_instances_keep_tables_complete(tmp_path, ams_db):
+    db, nss = ams_db, tmp_path / "nss"
     import asyncio
 
     a = await AMS.open(db, POL, nss)

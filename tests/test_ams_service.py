@@ -1,4 +1,7 @@
-"""Behaviour of the AMS: policies, groups, leases, admin actions, history."""
+"""Behaviour of the AMS: policies, groups, leases, admin actions, history.
+
+Every test that opens a store runs on both backends (``ams_db``: sqlite, PostgreSQL).
+"""
 
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def ams(tmp_path, clock):
-    a = await AMS.open(tmp_path / "ams.sqlite", policies(), tmp_path / "nss", clock=clock)
+async def ams(tmp_path, clock, ams_db):
+    a = await AMS.open(ams_db, policies(), tmp_path / "nss", clock=clock)
     yield a
     await a.close()
 
@@ -168,9 +171,9 @@ async def test_long_and_colliding_names_get_stable_hash_suffix(ams, tmp_path, cl
     assert acc2.name == acc.name
 
 
-async def test_range_exhaustion(tmp_path):
+async def test_range_exhaustion(tmp_path, ams_db):
     pol = {"tiny": VOPolicy("tiny", uid_range=(UID0, UID0 + 1), gid_range=(GID0, GID0 + 9))}
-    async with await AMS.open(tmp_path / "a.sqlite", pol, tmp_path / "nss") as ams:
+    async with await AMS.open(ams_db, pol, tmp_path / "nss") as ams:
         await ams.map_identity(ident("u1", vo="tiny", groups=()))
         await ams.map_identity(ident("u2", vo="tiny", groups=()))
         with pytest.raises(MappingRefused) as ei:
@@ -223,10 +226,10 @@ async def test_pool_release_and_reclaim_make_accounts_available(ams, clock):
     assert (await ams.map_identity(ident("u1", vo="cms"))).name == "cmspool01"  # busy one kept
 
 
-async def test_pool_exhaustion_reclaims_on_the_spot_with_is_idle(tmp_path, clock):
+async def test_pool_exhaustion_reclaims_on_the_spot_with_is_idle(tmp_path, ams_db, clock):
     idle: set[int] = set()
     pol = {"cms": policies()["cms"]}
-    async with await AMS.open(tmp_path / "a.sqlite", pol, tmp_path / "nss", clock=clock,
+    async with await AMS.open(ams_db, pol, tmp_path / "nss", clock=clock,
                               is_idle=lambda uid: uid in idle) as ams:
         for u in ("u1", "u2", "u3"):
             await ams.map_identity(ident(u, vo="cms"))
@@ -266,23 +269,23 @@ async def test_static_refusals(ams, user, reason):
     assert await ams.list_mappings() == []
 
 
-async def test_static_account_serves_one_identity_only(tmp_path):
+async def test_static_account_serves_one_identity_only(tmp_path, ams_db):
     target = _static_target()
     if target == "root":
         pytest.skip("no account with uid >= 1000 on this machine")
     pol = {"stat": VOPolicy("stat", kind="static", static={"a": target, "b": target})}
-    async with await AMS.open(tmp_path / "a.sqlite", pol, tmp_path / "nss") as ams:
+    async with await AMS.open(ams_db, pol, tmp_path / "nss") as ams:
         await ams.map_identity(ident("a", vo="stat"))
         with pytest.raises(MappingRefused) as ei:
             await ams.map_identity(ident("b", vo="stat"))
         assert ei.value.reason == "invalid-static-account" and "already serves a@stat" in str(ei.value)
 
 
-async def test_static_table_change_drops_old_mapping(tmp_path):
+async def test_static_table_change_drops_old_mapping(tmp_path, ams_db):
     target = _static_target()
     if target == "root":
         pytest.skip("no account with uid >= 1000 on this machine")
-    db, nss = tmp_path / "a.sqlite", tmp_path / "nss"
+    db, nss = ams_db, tmp_path / "nss"
     async with await AMS.open(db, {"stat": VOPolicy("stat", kind="static", static={"a": target})}, nss) as ams:
         await ams.map_identity(ident("a", vo="stat"))
     async with await AMS.open(db, {"stat": VOPolicy("stat", kind="static", static={})}, nss) as ams:

@@ -37,6 +37,10 @@ def test_a_full_table() -> None:
     assert session.rlimits == (('core', 0, 0), ('cpu', UNLIMITED, UNLIMITED),
                                ('nofile', 1024, UNLIMITED), ('nproc', 100, 200))
     assert _parse({'rlimits': {}}).rlimits == ()
+    # the session exec shim: unset by default (installed, else the source checkout's build)
+    assert _parse({}).exec_helper is None
+    assert _parse({'exec_helper': '/opt/x/xos-session-exec'}).exec_helper == \
+        Path('/opt/x/xos-session-exec')
 
 
 @pytest.mark.parametrize('session, key', [
@@ -46,6 +50,8 @@ def test_a_full_table() -> None:
     ({'pam_service': ''}, 'session.pam_service'),
     ({'pam_service': 7}, 'session.pam_service'),
     ({'pam_confdir': 'pam.d'}, 'session.pam_confdir'),
+    ({'exec_helper': 'build/xos-session-exec'}, 'session.exec_helper'),
+    ({'exec_helper': 5}, 'session.exec_helper'),
     ({'use_pam': True}, 'session.use_pam'),
     ({'rlimits': 5}, 'session.rlimits'),
     ({'rlimits': {'files': 5}}, 'session.rlimits.files'),

@@ -230,6 +230,43 @@ async def test_pam_session_sets_limits_and_environment_and_is_closed(
     assert 'refused' not in gw.log()
 
 
+async def test_a_pam_session_whose_process_ignores_the_hang_up_is_let_go(
+        pam_gateway: NsGateway, dev_ca: VOCA, tmp_path: Path, pam_dir: Path) -> None:
+    """The channel closes, the user's process ignores SIGHUP: the gateway keeps no descriptor
+    of the session (pidfd, pty, the helper's status pipe); the root helper keeps the PAM
+    session open while the process runs, closes it when it ends, and is reaped."""
+    gw = pam_gateway
+    assert gw.proc is not None
+    alice = dev_ca.issue('alice', tmp_path / 'alice')
+    closed = 'close_session dev-alice'
+    async with gw.connect(alice) as conn:
+        assert (await conn.run('true')).exit_status == 0
+        await asyncio.sleep(0.5)
+        base, pids = gw.open_fds(), []
+        for kw in ({}, {'term_type': 'xterm'}):
+            proc = await conn.create_process('trap "" HUP; echo $$; exec sleep 600', **kw)
+            pids.append(int(await asyncio.wait_for(proc.stdout.readline(), 10)))
+            proc.close()
+            await asyncio.wait_for(proc.wait_closed(), 10)
+        await asyncio.to_thread(wait_for, lambda: gw.open_fds() == base, 30, 'fds at baseline')
+    assert sum(closed in line for line in hook_log(pam_dir)) == 1  # the two still run
+    for pid in pids:
+        os.kill(pid, 9)
+    wait_for(lambda: sum(closed in line for line in hook_log(pam_dir)) == 3, 20, 'PAM closes')
+
+    gateway = str(gw.proc.pid)
+    wait_for(lambda: not [p for p in os.listdir('/proc')
+                          if p.isdigit() and _stat_of(p)[:2] == ['Z', gateway]], 30, 'reaped')
+
+
+def _stat_of(pid: str) -> list[str]:
+    """State, ppid, ... of /proc/PID/stat (empty when the process is gone)."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    except OSError:
+        return []
+
+
 def test_failing_pam_stack_refuses_the_session_and_the_gateway_serves_on(
         pam_gateway: NsGateway, dev_ca: VOCA, tmp_path: Path, pam_dir: Path) -> None:
     gw = pam_gateway

@@ -9,14 +9,17 @@ tables become :class:`xos_sshd.ams.VOPolicy` objects (mapping) and
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from .ams import VOPolicy
+from .ams.store import PgSettings, is_pg_url
 from .auth.verifier import VOTrust
 
 DEFAULT_STATE_DIR = Path('/var/lib/xos-sshd')
@@ -123,13 +126,16 @@ class SessionConfig:
     and setrlimit(2)'s units (bytes, seconds); ``UNLIMITED`` (-1) is ``RLIM_INFINITY``.
     Given, the table replaces the default (nofile 1024 soft / 524288 hard, as systemd gives
     user services); with ``pam`` they are set before the PAM session opens, so pam_limits
-    overrides what limits.conf names.
+    overrides what limits.conf names.  ``exec_helper``: the exec shim every session process
+    starts as (``xos-session-exec``); unset, the installed one or a source checkout's build
+    (:func:`xos_sshd.session.spawn.exec_helper`).
     """
 
     pam: bool = False
     pam_service: str = 'xos-sshd'
     pam_confdir: Path | None = None
     rlimits: tuple[tuple[str, int, int], ...] = (('nofile', 1024, 524288),)
+    exec_helper: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -173,11 +179,29 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: ``[ams] store = "postgresql://..."``: the shared store of a cluster; ``None``: the
+    #: embedded sqlite database (:attr:`ams_db`).
+    ams_pg: PgSettings | None = None
 
     @property
     def ams_db(self) -> Path:
         """The embedded AMS's sqlite database."""
         return self.state_dir / 'ams.sqlite'
+
+    @property
+    def ams_store(self) -> Path | PgSettings:
+        """What ``AMS.open`` opens: the PostgreSQL settings, or the sqlite file."""
+        return self.ams_pg if self.ams_pg is not None else self.ams_db
+
+    def describe_store(self) -> str:
+        """One line for ``--check-config`` and the logs: which store, never a password."""
+        if self.ams_pg is None:
+            return f'sqlite {self.ams_db}'
+        pg = self.ams_pg
+        source = (f'password from {pg.password_file}' if pg.password_file else
+                  f'password from ${pg.password_env}' if pg.password_env else
+                  'password from PGPASSWORD or ~/.pgpass, if any')
+        return f'{pg.describe()} ({source})'
 
     @property
     def trusts(self) -> list[VOTrust]:
@@ -194,7 +218,7 @@ _TOP_KEYS = {'state_dir', 'listen', 'host_keys', 'vo', 'audit_log', 'nss_dir', '
              'cr_socket',
              'allow_port_forwarding', 'allow_agent_forwarding', 'login_grace_seconds',
              'clock_skew_seconds', 'log_level', 'reclaim_interval_seconds', 'images',
-             'limits', 'session', 'metrics'}
+             'limits', 'session', 'metrics', 'ams'}
 _VO_KEYS = {'ca', 'crl', 'crl_required', 'policy', 'uid_range', 'gid_range', 'lease_hours',
             'home_base', 'shell', 'account_prefix', 'map_roles', 'pool', 'static'}
 _IMAGES_KEYS = {'trusted_node_keys', 'quota_bytes', 'quota_count', 'criu_path', 'node_name'}
@@ -257,6 +281,7 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         limits=_limits_config(_table(raw, 'limits')),
         session=_session_config(_table(raw, 'session')),
         metrics=_metrics_config(_table(raw, 'metrics')),
+        ams_pg=_ams_store_config(_table(raw, 'ams')),
     )
 
 
@@ -339,13 +364,80 @@ def _network(text: str, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netwo
                           f'"2001:db8::/32")') from None
 
 
+# --- [ams] ------------------------------------------------------------------------------
+
+#: key -> (lowest, highest) of the numeric ``[ams]`` keys (seconds, except pool_size).
+_AMS_NUMBERS: dict[str, tuple[float, float]] = {
+    'connect_timeout': (0.1, 300), 'command_timeout': (0.1, 3600), 'retry_seconds': (0, 600),
+    'pool_size': (1, 100), 'nss_refresh_seconds': (1, 86_400)}
+_AMS_KEYS = set(_AMS_NUMBERS) | {'store', 'password_file', 'password_env'}
+
+
+def _ams_store_config(table: Mapping[str, Any]) -> PgSettings | None:
+    """The optional ``[ams]`` table: ``store = "sqlite"`` (default, ``STATE/ams.sqlite``) or
+    ``"postgresql://USER@HOST[:PORT]/DB"`` (a cluster's shared store).  The password never
+    goes in the file: ``password_file`` (an absolute path; its first line) or
+    ``password_env`` (the name of an environment variable), else PGPASSWORD/~/.pgpass."""
+    _no_unknown_keys(table, _AMS_KEYS, 'ams.')
+    store = _typed(table, 'store', str, 'sqlite', 'ams')
+    if store == 'sqlite':
+        others = sorted(set(table) - {'store'})
+        if others:
+            raise ConfigError(f'ams.{others[0]}', 'only for a PostgreSQL store '
+                              '(ams.store = "postgresql://...")')
+        return None
+    if not is_pg_url(store):
+        raise ConfigError('ams.store', f'must be "sqlite" or a postgresql:// URL, got {store!r}')
+    parts = urlsplit(store)
+    if parts.password is not None or 'password' in parse_qs(parts.query):
+        raise ConfigError('ams.store', 'must not hold the password (the config file is no place '
+                          'for it): set ams.password_file or ams.password_env')
+    try:
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise ConfigError('ams.store', f'{store!r} has an invalid port') from None
+    settings: dict[str, Any] = {'dsn': store}
+    if 'password_file' in table:
+        settings['password_file'] = str(_path(table, 'password_file', None, 'ams'))
+    env = _typed(table, 'password_env', str, None, 'ams')
+    if env is not None:
+        if not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*', env):
+            raise ConfigError('ams.password_env', f'{env!r} is not an environment variable name')
+        if 'password_file' in settings:
+            raise ConfigError('ams.password_env', 'give password_file or password_env, not both')
+        settings['password_env'] = env
+    for key, (low, high) in _AMS_NUMBERS.items():
+        kind: Any = int if key == 'pool_size' else (int, float)
+        value = _typed(table, key, kind, None, 'ams')
+        if value is None:
+            continue
+        if not low <= value <= high:
+            raise ConfigError(f'ams.{key}', f'must be between {low} and {high}')
+        settings[key] = value if key == 'pool_size' else float(value)
+    return PgSettings(**settings)
+
+
+def check_store(config: Config) -> None:
+    """At start (and ``--check-config``): the password file of a PostgreSQL store is readable
+    (nothing is connected to: ``xos-sshd doctor`` does that)."""
+    pg = config.ams_pg
+    if pg is None:
+        return
+    try:
+        pg.password()
+    except OSError as exc:
+        raise ConfigError('ams.password_file', f'{pg.password_file}: {exc.strerror}') from None
+    if pg.password_env and pg.password_env not in os.environ:
+        raise ConfigError('ams.password_env', f'${pg.password_env} is not set')
+
+
 # --- [session] --------------------------------------------------------------------------
 
 #: ``[session] rlimits`` keys: limits.conf's names of the setrlimit(2) resources.
 RLIMIT_NAMES = ('as', 'core', 'cpu', 'data', 'fsize', 'locks', 'memlock', 'msgqueue', 'nice',
                 'nofile', 'nproc', 'rss', 'rtprio', 'rttime', 'sigpending', 'stack')
 UNLIMITED = -1  # resource.RLIM_INFINITY as Python's resource module spells it on Linux
-_SESSION_KEYS = {'pam', 'pam_service', 'pam_confdir', 'rlimits'}
+_SESSION_KEYS = {'pam', 'pam_service', 'pam_confdir', 'rlimits', 'exec_helper'}
 _RLIMIT_MAX = 2 ** 63 - 1
 
 
@@ -357,6 +449,7 @@ def _session_config(table: Mapping[str, Any]) -> SessionConfig:
         raise ConfigError('session.pam_service', 'must be a PAM service name, a file name in '
                           '/etc/pam.d ([A-Za-z0-9._+-], at most 64 characters)')
     confdir = _path(table, 'pam_confdir', None, 'session') if 'pam_confdir' in table else None
+    helper = _path(table, 'exec_helper', None, 'session') if 'exec_helper' in table else None
     rlimits = SessionConfig.rlimits
     if 'rlimits' in table:
         raw = table['rlimits']
@@ -366,7 +459,7 @@ def _session_config(table: Mapping[str, Any]) -> SessionConfig:
         _no_unknown_keys(raw, set(RLIMIT_NAMES), 'session.rlimits.')
         rlimits = tuple(_rlimit(name, raw[name]) for name in sorted(raw))
     return SessionConfig(pam=_typed(table, 'pam', bool, False, 'session'), pam_service=service,
-                         pam_confdir=confdir, rlimits=rlimits)
+                         pam_confdir=confdir, rlimits=rlimits, exec_helper=helper)
 
 
 def _rlimit(name: str, value: Any) -> tuple[str, int, int]:

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from .ams.ranges import RangeError, validate_policies
 from .config import Config
+from .session import spawn
 
 CRL_WARN_DAYS = 2
 CA_WARN_DAYS = 30
@@ -287,6 +288,81 @@ def check_criu(config: Config) -> Iterable[Finding]:
     yield Finding(level, 'migration', detail, fix)
 
 
+def check_store(config: Config) -> Iterable[Finding]:
+    """The AMS store: reachable (read only: nothing is created or migrated), its schema
+    version, and that no uid or gid it maps (dynamic, pool) is used by /etc/passwd or
+    /etc/group on this node (one line)."""
+    from .ams.ranges import read_system_ids
+    from .ams.store import SCHEMA_VERSION
+    check, where = 'AMS store', config.describe_store()
+    try:
+        if config.ams_pg is None:
+            if not config.ams_db.exists():
+                yield _ok(check, f'{where}: not created yet (the gateway creates it at start)')
+                return
+            version, rows = _read_sqlite_store(config.ams_db)
+        else:
+            version, rows = asyncio.run(_read_pg_store(config.ams_pg))
+    except Exception as exc:  # unreachable, refused, unreadable: say so, on one line
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        yield Finding('fail', check, f'{where}: cannot read it: {text}',
+                      'start the database server or fix [ams] store/password_file'
+                      if config.ams_pg is not None else f'check {config.ams_db}')
+        return
+    if version > SCHEMA_VERSION:
+        yield Finding('fail', check, f'{where}: schema version {version} is newer than this '
+                      f'xos-sshd ({SCHEMA_VERSION})', 'upgrade xos-sshd on this node')
+        return
+    system = read_system_ids()
+    uids, gids = system.uids, system.gids
+    clashes = [f'{name} (uid {uid})' for name, uid, gid in rows if uid in uids]
+    clashes += [f'{name} (gid {gid})' for name, uid, gid in rows if gid in gids]
+    if clashes:
+        yield Finding('fail', check, f'{where}: mapped ids also used by local accounts or groups '
+                      f'of this node: {", ".join(clashes[:5])}'
+                      + (f' and {len(clashes) - 5} more' if len(clashes) > 5 else ''),
+                      'move the local account or group out of the VO ranges (the same uid must '
+                      'mean the same person on every node)')
+        return
+    state = (f'schema version {version}' if version == SCHEMA_VERSION else
+             f'schema version {version} (the gateway migrates it to {SCHEMA_VERSION} at start)')
+    reach = 'reachable, ' if config.ams_pg is not None else ''
+    yield Finding('ok' if version == SCHEMA_VERSION else 'warn', check,
+                  f'{where}: {reach}{state}, {len(rows)} mapped account(s), no mapped uid or gid '
+                  'in /etc/passwd or /etc/group', 'start the gateway once to migrate the store')
+
+
+def _read_sqlite_store(path: Path) -> tuple[int, list[tuple[str, int, int]]]:
+    """(schema version, dynamic/pool (name, uid, gid)) of the sqlite store, opened read-only."""
+    import sqlite3
+    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True, timeout=5)
+    try:
+        version = int(conn.execute('PRAGMA user_version').fetchone()[0])
+        rows = conn.execute("SELECT name, uid, gid FROM mappings WHERE kind <> 'static'").fetchall() \
+            if version else []
+    finally:
+        conn.close()
+    return version, [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+
+async def _read_pg_store(settings: object) -> tuple[int, list[tuple[str, int, int]]]:
+    """The same from the PostgreSQL store (one connection, read only)."""
+    import asyncpg
+
+    from .ams.store_pg import connect_options
+    conn = await asyncpg.connect(**connect_options(settings))  # type: ignore[arg-type]
+    try:
+        async with conn.transaction(readonly=True):
+            if await conn.fetchval("SELECT to_regclass('xos_schema')") is None:
+                return 0, []
+            version = int(await conn.fetchval('SELECT coalesce(max(version), 0) FROM xos_schema'))
+            rows = await conn.fetch("SELECT name, uid, gid FROM mappings WHERE kind <> 'static'") \
+                if version else []
+    finally:
+        await conn.close()
+    return version, [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+
 def check_metrics(config: Config) -> Iterable[Finding]:
     """Where the Prometheus endpoint is, when ``[metrics] listen`` is set (one line)."""
     listen = getattr(getattr(config, 'metrics', None), 'listen', None)
@@ -304,10 +380,12 @@ CHECKS: list[Callable[[Config, datetime], Iterable[Finding]]] = [
     lambda c, now: check_ca_and_crl(c, now),
     lambda c, now: check_clock(now),
     lambda c, now: check_ranges(c),
+    lambda c, now: check_store(c),
     lambda c, now: check_permissions(c),
     lambda c, now: check_nss(c),
     lambda c, now: check_pam(),
     lambda c, now: check_pam_session(c),
+    lambda c, now: [Finding(*spawn.exec_helper_status(c.session.exec_helper))],
     lambda c, now: check_criu(c),
     lambda c, now: check_metrics(c),
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -86,12 +87,19 @@ class Gateway:
         config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         audit = AuditLog(config.audit_log)
         try:  # every committed mapping change becomes one audit event (and metric)
-            ams = await AMS.open(config.ams_db, config.policies, config.nss_dir,
-                                 on_event=audit.write)
+            # The store: STATE/ams.sqlite, or a cluster's PostgreSQL ([ams] store); node as
+            # CRRuntime names it (the node_uids this gateway publishes for the reclaimers).
+            ams = await AMS.open(config.ams_store, config.policies, config.nss_dir,
+                                 on_event=audit.write,
+                                 node=config.images.node_name or socket.gethostname())
         except BaseException:
             audit.close()
             raise
+        log.info('AMS store: %s', config.describe_store())
         gateway = cls(config, verifier, host_keys, ams, audit)
+        # A ban made on any gateway of a shared store closes the account's connections here
+        # too, at the next live-connection sweep (the AMS keeps the banned names current).
+        gateway.live.store_bans = lambda: ams.banned_names
         try:
             await gateway.control.start()
             gateway.cr_runtime = await CRRuntime.open(config, ams, gateway.audit,

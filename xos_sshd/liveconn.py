@@ -9,7 +9,10 @@ can
   :class:`RevocationWatch` asks the verifier every ``limits.revocation_check_seconds``
   (and at once after SIGHUP) whether each live identity's serial is on its CA's CRL now,
   through the same CRL code path as a login;
-* end the connections of an account an admin bans (``admin.ban``), at once.
+* end the connections of an account an admin bans (``admin.ban``), at once; and, on a
+  cluster's shared store, those of an account banned through any other gateway, at the
+  next sweep (:attr:`LiveConnections.store_bans`: the names the AMS read with its last NSS
+  refresh, which every ban triggers on every gateway; a set lookup, no query per sweep).
 
 Only a positive revocation closes a connection: a CRL that becomes unavailable (missing,
 unreadable, badly signed) refuses new logins when the VO requires it, but leaves the live
@@ -27,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +93,10 @@ class LiveConnections:
         self._banned: set[str] = set()
         #: Why some certificates could not be checked at the last sweep (logged on change).
         self._unknown: frozenset[str] = frozenset()
+        #: The names banned in the (shared) store, as the AMS last read them
+        #: (``AMS.banned_names``); set by the gateway.  Checked at each sweep and when a
+        #: connection registers.
+        self.store_bans: Callable[[], Set[str]] | None = None
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._by_account.values())
@@ -101,7 +108,8 @@ class LiveConnections:
     def add(self, entry: LiveConnection) -> None:
         """Register a connection that just authenticated."""
         self._by_account.setdefault(entry.account.name, set()).add(entry)
-        if entry.account.name in self._banned:
+        if entry.account.name in self._banned or (
+                self.store_bans is not None and entry.account.name in self.store_bans()):
             self.close(entry, 'banned', f'account {entry.account.name} is banned')
 
     def remove(self, entry: LiveConnection) -> None:
@@ -165,6 +173,18 @@ class LiveConnections:
 
     def unbanned(self, name: str) -> None:
         self._banned.discard(name)
+
+    def close_store_banned(self) -> int:
+        """Close the live connections of the accounts :attr:`store_bans` names (banned through
+        another gateway of the shared store); return how many."""
+        if self.store_bans is None:
+            return 0
+        banned = self.store_bans()
+        if not banned:
+            return 0
+        return sum(self.close_account(name, 'banned', f'account {name} was banned by the '
+                                      f'administrator')
+                   for name in [n for n in self._by_account if n in banned])
 
     def close_revoked(self, status: StatusCheck) -> int:
         """Close every live connection whose certificate *status* says is revoked now.
@@ -231,7 +251,8 @@ class RevocationWatch:
                 self._on_sweep()
             if not len(self._live):
                 return 0
-            return self._live.close_revoked(self._status)
+            banned = self._live.close_store_banned()
+            return banned + self._live.close_revoked(self._status)
         except Exception:
             log.exception('revocation sweep failed; will retry')
             return 0

@@ -16,7 +16,7 @@ import uvloop
 from .ams.ranges import RangeError, validate_policies
 from .auth.errors import TrustConfigError
 from .auth.verifier import Verifier
-from .config import Config, ConfigError, check_images, load_config
+from .config import Config, ConfigError, check_images, check_store, load_config
 
 log = logging.getLogger('xos_sshd')
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import doctor as doctor_mod
         return doctor_mod.run(config)
     if args.check_config:
-        print(f'xos-sshd: configuration OK ({len(config.vos)} VO(s): {", ".join(config.vos)})')
+        print(f'xos-sshd: configuration OK ({len(config.vos)} VO(s): {", ".join(config.vos)}; '
+              f'AMS store: {config.describe_store()})')
         return 0
     _setup_logging('debug' if args.debug else config.log_level)
     banner = None
@@ -108,6 +109,7 @@ def check_config(config: Config) -> tuple[Verifier, list[asyncssh.SSHKey]]:
         except (OSError, asyncssh.KeyImportError) as exc:
             raise ConfigError('host_keys', f'{path}: {getattr(exc, "strerror", None) or exc}') from None
     check_images(config)
+    check_store(config)
     return verifier, host_keys
 
 

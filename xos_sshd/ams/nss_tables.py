@@ -77,6 +77,21 @@ class NSSLock:
             raise
         self._fd = fd
 
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it now; never blocks (for the event loop)."""
+        ensure_dir(self.nss_dir)
+        fd = os.open(os.path.join(self.nss_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

@@ -1,7 +1,8 @@
 """The mapping policies (dynamic, pool, static): naming and id allocation.
 
-Everything here that touches the database runs inside the caller's
-``BEGIN IMMEDIATE`` transaction (:class:`~xos_sshd.ams.store.Txn`), so the
+Everything here that touches the database runs inside the caller's write
+transaction (:class:`~xos_sshd.ams.store.Txn`: sqlite's ``BEGIN IMMEDIATE``, or
+PostgreSQL's cluster-wide write lock, :mod:`~xos_sshd.ams.store_pg`), so the
 "is this uid/name free?" checks and the inserts that use the answer are
 atomic with respect to every other AMS instance and process.  The schema's
 UNIQUE constraints back this up: if a bug ever let two writers race, the
@@ -216,15 +217,15 @@ async def _insert_mapping(
     name: str, uid: int, gid: int, home: str, shell: str, gecos: str,
 ) -> int:
     now = ctx.now
-    mid = await txn.execute(
+    mid = await txn.scalar(
         "INSERT INTO mappings (vo, vo_user, role, kind, name, uid, gid, home, shell, gecos,"
-        " created_at, last_seen, lease_expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " created_at, last_seen, lease_expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
         (identity.vo, identity.user, role_key(pol, identity), kind, name, uid, gid, home, shell, gecos,
          now, now, now + pol.lease_seconds),
     )
     await record_history(txn, ctx.now, "created", uid, name, identity.vo, identity.user,
                          role_key(pol, identity), kind)
-    return mid
+    return int(mid)
 
 
 async def record_history(txn: Txn, at: float, event: str, uid: int, name: str, vo: str,

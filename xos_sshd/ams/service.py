@@ -18,6 +18,15 @@ emitted after the commit, never for a rolled-back change, whoever caused it
 The public coroutines that change state are shielded from cancellation: a
 client that disconnects mid-login must not leave a committed mapping
 without its NSS tables (nor a transaction half-way on the connection).
+
+On a shared (PostgreSQL) store every gateway writes its own node's NSS tables:
+besides rewriting them after its own changes, the AMS rewrites them when
+another gateway's change is announced (LISTEN/NOTIFY, :mod:`.store_pg`) and
+every ``nss_refresh_seconds`` (only when they differ), and keeps the set of
+banned account names (:attr:`AMS.banned_names`) for the live-connection sweep.
+The reclaimer publishes the uids busy on this node (``node_uids``) and keeps
+every mapping whose uid is busy on another node or has a job that is starting
+or running on any node (docs/internals.md, "AMS store").
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import asyncio
 import grp
 import logging
 import os
+import socket
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -40,9 +50,9 @@ from .model import (
     MappingRefused,
     VOPolicy,
 )
-from .nss_tables import NSSLock, remove_stale_temps, write_tables
+from .nss_tables import NSSLock, clean_passwd, remove_stale_temps, render_group, render_passwd, write_tables
 from .ranges import GROUP_PATH, PASSWD_PATH, validate_policies
-from .store import Store, Txn, nss_snapshot
+from .store import PgSettings, StoreLike, StoreUnavailable, Txn, nss_snapshot, nss_snapshot_async, open_store
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +112,27 @@ def rewrite_nss_sync(db_path: str, nss_dir: str, busy_timeout: float = 30.0, cle
         write_tables(nss_dir, passwd, group)
 
 
-class AMS:
-    """The embedded account mapping service over one sqlite database.
+#: A mapping is not idle while its account has a job starting or running on any node (the
+#: job table is shared in a cluster).  Appended to queries of ``mappings`` (same SQL on both
+#: backends).
+_NO_LIVE_JOB = (" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.uid = mappings.uid"
+                " AND j.state IN ('starting', 'running'))")
+#: ... nor while another node's gateway saw a process of its uid (shared store only).
+_NOT_BUSY_ELSEWHERE = " AND NOT EXISTS (SELECT 1 FROM node_uids n WHERE n.uid = mappings.uid AND n.node <> ?)"
 
-    Several instances (in one process or many) may share a database file
-    and an NSS directory; sqlite's locks and the NSS flock keep them
+
+class AMS:
+    """The account mapping service over one store (sqlite, or PostgreSQL for a cluster).
+
+    Several instances (in one process or many, on one node or, with
+    PostgreSQL, on many) may share a database and, on one node, an NSS
+    directory; the store's write lock and the NSS flock keep them
     consistent.
     """
 
-    def __init__(self, store: Store, policies: Mapping[str, VOPolicy], nss_dir: str, *,
+    def __init__(self, store: StoreLike, policies: Mapping[str, VOPolicy], nss_dir: str, *,
                  passwd_path: str, group_path: str, clock: Callable[[], float],
-                 is_idle: IsIdle | None, on_event: OnEvent | None = None) -> None:
+                 is_idle: IsIdle | None, on_event: OnEvent | None = None, node: str = "") -> None:
         self._store = store
         self.policies = dict(policies)
         self.nss_dir = nss_dir
@@ -128,41 +148,63 @@ class AMS:
         self.nss_rewrites = 0
         #: Told of every committed mapping change (the audit log); may be set after open.
         self.on_event = on_event
+        #: This gateway's node (the ``node_uids`` rows it publishes).
+        self.node = node
+        #: Names of the banned mappings as of the last NSS refresh (shared store only: the
+        #: live-connection sweep closes their connections on every gateway; cheap to read).
+        self.banned_names: frozenset[str] = frozenset()
+        self._refresh = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    async def open(cls, db_path: str | os.PathLike[str], policies: Mapping[str, VOPolicy],
+    async def open(cls, db_path: "str | os.PathLike[str] | PgSettings", policies: Mapping[str, VOPolicy],
                    nss_dir: str | os.PathLike[str], *, passwd_path: str = PASSWD_PATH,
                    group_path: str = GROUP_PATH, busy_timeout: float = 30.0,
                    clock: Callable[[], float] = time.time, is_idle: IsIdle | None = None,
-                   on_event: OnEvent | None = None) -> "AMS":
+                   on_event: OnEvent | None = None, node: str | None = None) -> "AMS":
         """Validate the policies' ranges, open/migrate the store, and bring the NSS tables up to date.
 
-        ``is_idle(uid)``, when given, lets a login that finds its pool
+        ``db_path``: the sqlite file, or :class:`~xos_sshd.ams.store.PgSettings` (or a
+        ``postgresql://`` URL) for the shared store; then the NSS tables also follow other
+        gateways' changes until :meth:`close`.  ``node``: this node's name (default: the
+        host name).  ``is_idle(uid)``, when given, lets a login that finds its pool
         exhausted reclaim expired, idle pool leases on the spot.
         ``on_event`` is told of each committed mapping change (module
         docstring).  ``clock`` (epoch seconds) is for tests.  Raises
-        :class:`~xos_sshd.ams.model.RangeError` for bad ranges.
+        :class:`~xos_sshd.ams.model.RangeError` for bad ranges,
+        :class:`~xos_sshd.ams.store.StoreOpenError` when the store cannot be reached.
         """
         validate_policies(policies, passwd_path, group_path)
-        store = await Store.open(os.fspath(db_path), busy_timeout=busy_timeout)
+        store = await open_store(db_path, busy_timeout=busy_timeout)
         ams = cls(store, policies, os.fspath(nss_dir), passwd_path=passwd_path, group_path=group_path,
-                  clock=clock, is_idle=is_idle, on_event=on_event)
+                  clock=clock, is_idle=is_idle, on_event=on_event,
+                  node=socket.gethostname() if node is None else node)
         try:
             # After a crash between a commit and its rewrite the tables lag: catch up now.
             await ams._sync_nss(clean=True)
         except BaseException:
             await store.close()
             raise
+        if store.cluster:
+            ams._start_watch()
         return ams
 
     async def close(self) -> None:
-        """Close the database connection."""
+        """Stop following other gateways' changes; close the database connection(s)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except BaseException:  # cancelled (or it had failed: logged already)
+                pass
         await self._store.close()
 
     @property
-    def store(self) -> Store:
+    def store(self) -> StoreLike:
         """The underlying store (the job table of :mod:`xos_sshd.cr.jobs` lives in it too)."""
         return self._store
 
@@ -378,13 +420,32 @@ class AMS:
 
         Pool accounts become free for the next login, dynamic accounts are
         deleted (their uid may then be reused), static mappings are
-        forgotten.  Banned and pinned mappings are kept.  A mapping renewed
-        between the idle check and the delete is kept.  ``is_idle`` runs
-        on the event loop, outside any transaction.  Returns the names freed.
+        forgotten.  Banned and pinned mappings are kept, and so are those
+        whose account has a job starting or running (on any node).  A
+        mapping renewed between the idle check and the delete is kept.
+        ``is_idle`` runs on the event loop, outside any transaction.  On a
+        shared store this node's busy uids are published first (and other
+        nodes' published busy uids are kept).  Returns the names freed.
         """
-        return await _shielded(self._reclaim(is_idle))
+        return await _shielded(self._reclaim(is_idle, publish=self._store.cluster))
 
-    async def _reclaim(self, is_idle: IsIdle, vo: str | None = None, kind: str | None = None) -> list[str]:
+    async def _publish_busy(self, is_idle: IsIdle) -> None:
+        """Record which mapped uids have processes on this node (``node_uids``), for the
+        reclaimers of the other nodes: a process on node B keeps its mapping on node A too."""
+        async with self._store.read() as txn:
+            uids = [int(r[0]) for r in await txn.all("SELECT uid FROM mappings")]
+        busy = sorted({uid for uid in uids if not is_idle(uid)})
+        now = self._clock()
+        async with self._store.write() as txn:
+            await txn.execute("DELETE FROM node_uids WHERE node = ?", (self.node,))
+            if busy:
+                await txn.executemany("INSERT INTO node_uids (node, uid, seen) VALUES (?, ?, ?)",
+                                      [(self.node, uid, now) for uid in busy])
+
+    async def _reclaim(self, is_idle: IsIdle, vo: str | None = None, kind: str | None = None,
+                       publish: bool = False) -> list[str]:
+        if publish:
+            await self._publish_busy(is_idle)
         now = self._clock()
         sql = "SELECT * FROM mappings WHERE lease_expires <= ? AND banned = 0 AND pinned = 0"
         args: list[Any] = [now]
@@ -392,6 +453,11 @@ class AMS:
             sql, args = sql + " AND vo = ?", args + [vo]
         if kind is not None:
             sql, args = sql + " AND kind = ?", args + [kind]
+        # The same conditions again in the write transaction below (they may change meanwhile).
+        keep_sql, keep_args = _NO_LIVE_JOB, []  # type: str, list[Any]
+        if self._store.cluster:
+            keep_sql, keep_args = keep_sql + _NOT_BUSY_ELSEWHERE, [self.node]
+        sql, args = sql + keep_sql, args + keep_args
         async with self._store.read() as txn:
             candidates = await txn.all(sql + " ORDER BY lease_expires", args)
         idle = [r for r in candidates if is_idle(r["uid"])]
@@ -404,8 +470,8 @@ class AMS:
             for cand in idle:
                 row = await txn.one(
                     "SELECT * FROM mappings WHERE id = ? AND uid = ? AND lease_expires <= ?"
-                    " AND banned = 0 AND pinned = 0",
-                    (cand["id"], cand["uid"], now),
+                    " AND banned = 0 AND pinned = 0" + keep_sql,
+                    (cand["id"], cand["uid"], now, *keep_args),
                 )
                 if row is not None:
                     await self._delete(txn, ctx, row, "lease expired, account idle")
@@ -459,7 +525,8 @@ class AMS:
                 if row["banned"] != flag:
                     await txn.execute("UPDATE mappings SET banned = ? WHERE id = ?", (flag, row["id"]))
                     await P.record_history(txn, ctx.now, f"{action}ned", *hist)
-                    nss = row["kind"] != "static"
+                    # Shared store: the refresh also renews banned_names (static accounts too).
+                    nss = row["kind"] != "static" or self._store.cluster
                     happened = f"{action}ned"
             else:
                 flag = 1 if action == "pin" else 0
@@ -539,7 +606,7 @@ class AMS:
             sql, args = sql + (" AND" if args else " WHERE") + " uid = ?", args + [int(uid)]
         sql += " ORDER BY id"
         if limit is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) AS h ORDER BY id"
             args.append(int(limit))
         async with self._store.read() as txn:
             rows = await txn.all(sql, args)
@@ -555,22 +622,102 @@ class AMS:
         """Rewrite the NSS tables from the database now."""
         await _shielded(self._sync_nss())
 
-    async def _sync_nss(self, clean: bool = False) -> None:
+    async def _sync_nss(self, clean: bool = False, remote: bool = False) -> None:
         """Rewrite the tables unless a rewrite that started after our change already did.
 
         Concurrent callers in this instance coalesce: each bumps ``want``;
         whoever gets the lock writes the state as of then and marks every
-        ``want`` up to then done.
+        ``want`` up to then done.  ``remote``: another gateway's change (or
+        the periodic refresh) of a shared store: the tables are replaced
+        only if they differ.
         """
+        if remote:  # not a change of ours: the lag check of map_identity must not see it
+            async with self._nss_lock:
+                if await self._rewrite_from_store(clean, only_if_changed=True):
+                    self.nss_rewrites += 1
+            return
         self._nss_want += 1
         target = self._nss_want
         async with self._nss_lock:
             if self._nss_done >= target:
                 return
             target = self._nss_want
-            await asyncio.to_thread(rewrite_nss_sync, self.db_path, self.nss_dir, self._store.busy_timeout, clean)
-            self.nss_rewrites += 1
+            if self._store.cluster:
+                wrote = await self._rewrite_from_store(clean, only_if_changed=False)
+            else:
+                await asyncio.to_thread(rewrite_nss_sync, self.db_path, self.nss_dir, self._store.busy_timeout,
+                                        clean)
+                wrote = True
+            if wrote:
+                self.nss_rewrites += 1
             self._nss_done = max(self._nss_done, target)
+
+    async def _rewrite_from_store(self, clean: bool, only_if_changed: bool) -> bool:
+        """The tables from a store read through the pool (shared store): the node's NSS lock
+        first, the snapshot after, so the last writer writes the newest committed state."""
+        lock = NSSLock(self.nss_dir)
+        await _acquire(lock)
+        try:
+            if clean:
+                removed = await asyncio.to_thread(remove_stale_temps, self.nss_dir)
+                if removed:
+                    log.info("removed stale NSS temp files: %s", ", ".join(removed))
+            passwd, group, banned = await nss_snapshot_async(self._store)
+            self.banned_names = banned
+            return await asyncio.to_thread(_write_tables_if_changed, self.nss_dir, passwd, group,
+                                           only_if_changed)
+        finally:
+            lock.release()
+
+    # -- cluster: following the other gateways -----------------------------------------
+
+    def _start_watch(self) -> None:
+        interval = getattr(getattr(self._store, "settings", None), "nss_refresh_seconds", 60.0)
+        self._tasks = [asyncio.create_task(self._store.watch(self._refresh.set, interval)),  # type: ignore[attr-defined]
+                       asyncio.create_task(self._refresh_loop())]
+
+    async def _refresh_loop(self) -> None:
+        """Rewrite this node's tables when another gateway changed the mapping (coalesced)."""
+        while True:
+            await self._refresh.wait()
+            await asyncio.sleep(0.02)  # a burst of notifications: one rewrite
+            self._refresh.clear()
+            try:
+                await self._sync_nss(remote=True)
+            except StoreUnavailable as exc:  # the watch calls again once the store is back
+                log.debug("NSS refresh postponed: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("NSS refresh from the shared store failed; will retry")
+
+
+def _write_tables_if_changed(nss_dir: str, passwd: list[Any], group: list[Any], only_if_changed: bool) -> bool:
+    """:func:`write_tables`, skipped (False) when *only_if_changed* and both text tables
+    already hold exactly this (blocking; with the NSS lock held)."""
+    if only_if_changed:
+        try:
+            with open(os.path.join(nss_dir, "passwd"), "rb") as fh:
+                same = fh.read() == render_passwd(clean_passwd(passwd))
+            if same:
+                with open(os.path.join(nss_dir, "group"), "rb") as fh:
+                    same = fh.read() == render_group(group)
+        except FileNotFoundError:
+            same = False
+        if same:
+            return False
+    write_tables(nss_dir, passwd, group)
+    return True
+
+
+async def _acquire(lock: NSSLock) -> None:
+    """Take the NSS flock without blocking a thread: the holder may be another AMS of this
+    process that needs the executor's threads to finish (a thread per waiter could starve it),
+    and the wait stays cancellable."""
+    delay = 0.002
+    while not lock.try_acquire():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _replace_groups(acc: LocalAccount, groups: tuple[tuple[str, int], ...]) -> LocalAccount:

@@ -1,6 +1,19 @@
-"""The AMS store: sqlite in WAL mode through aiosqlite.
+"""The AMS store: the interface every backend offers, and the embedded sqlite backend.
 
-Why it looks like this:
+Two backends implement the same small interface (:class:`StoreLike`): ``read()`` and
+``write()`` transactions yielding a :class:`Txn`-like object (``execute``, ``executemany``,
+``one``, ``all``, ``scalar``; SQL with ``?`` placeholders; rows indexable by name and
+position), ``close()``, ``describe()``.  :func:`open_store` picks the backend:
+
+* a path: :class:`Store`, sqlite in WAL mode through aiosqlite (this module; the default,
+  ``STATE/ams.sqlite``);
+* :class:`PgSettings` (or a ``postgresql://`` URL): :class:`~xos_sshd.ams.store_pg.PgStore`,
+  PostgreSQL through asyncpg, for a cluster of gateways sharing one mapping.
+
+SQL that callers write must run on both: standard SQL, ``?`` placeholders, ids of new rows
+through ``INSERT ... RETURNING`` (sqlite >= 3.35), a subquery in FROM with an alias.
+
+Why the sqlite store looks like this:
 
 * **WAL + ``synchronous=FULL``**: readers never block the writer, and a
   transaction that returned from ``COMMIT`` survives a ``kill -9`` (and a
@@ -25,12 +38,17 @@ concurrent openers migrate exactly once.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncContextManager, AsyncIterator, Iterable, Protocol, Sequence
+from urllib.parse import parse_qs, urlsplit
 
 import aiosqlite
+
+from .model import MappingRefused
 
 #: Each migration is a list of single SQL statements (no ``executescript``:
 #: it would COMMIT behind our back).  Migration ``i`` brings the schema
@@ -145,6 +163,105 @@ class SchemaTooNew(RuntimeError):
     """The database was written by a newer xos-sshd; refuse rather than corrupt it."""
 
 
+class StoreOpenError(OSError):
+    """The store cannot be opened at start (server unreachable, authentication refused, no
+    such database).  ``str()`` is one line naming the store (host, database) and the reason;
+    the gateway prints it and exits."""
+
+
+class StoreUnavailable(MappingRefused):
+    """The store stopped answering while the gateway runs (a database outage): the operation
+    is refused with reason ``store-unavailable`` and the gateway keeps serving.  A
+    :class:`MappingRefused`, so every login door (SSH, pam_xos, the control socket) refuses
+    it as it refuses any mapping, with this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("store-unavailable", message)
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (str(self),))
+
+
+@dataclass(frozen=True)
+class PgSettings:
+    """Where the PostgreSQL store is and how to reach it (config ``[ams]``).
+
+    ``dsn``: ``postgresql://USER@HOST[:PORT]/DB`` (libpq URL; ``?host=/run/postgresql`` for a
+    socket directory, ``sslmode=...``), never with a password in it.  The password comes from
+    ``password_file`` (its first line), else the environment variable ``password_env``, else
+    what asyncpg finds itself (``PGPASSWORD``, ``~/.pgpass``).  ``connect_timeout``: per
+    connection attempt; ``command_timeout``: per statement, including the wait for the write
+    lock; ``retry_seconds``: how long one operation keeps retrying to reach the server (then
+    it is refused ``store-unavailable``; at start the gateway gives up); ``pool_size``:
+    connections per gateway; ``nss_refresh_seconds``: the periodic full refresh of the NSS
+    tables (the safety net under LISTEN/NOTIFY).
+    """
+
+    dsn: str
+    password_file: str | None = None
+    password_env: str | None = None
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    retry_seconds: float = 10.0
+    pool_size: int = 4
+    nss_refresh_seconds: float = 60.0
+
+    def describe(self) -> str:
+        """``postgresql://USER@HOST:PORT/DB``: which server and database, never a password."""
+        parts = urlsplit(self.dsn)
+        query = parse_qs(parts.query)
+        host = parts.hostname or (query.get("host") or [""])[0] or "localhost"
+        try:
+            port = parts.port or int((query.get("port") or ["5432"])[0])
+        except ValueError:
+            port = 5432
+        user = parts.username or (query.get("user") or [""])[0]
+        db = parts.path.lstrip("/") or (query.get("dbname") or [""])[0] or user
+        host_text = f"[{host}]" if ":" in host else host
+        return f"postgresql://{user + '@' if user else ''}{host_text}:{port}/{db}"
+
+    def password(self) -> str | None:
+        """The password from ``password_file`` or ``password_env`` (``None``: asyncpg's own
+        defaults).  Raises ``OSError`` for an unreadable file."""
+        if self.password_file:
+            with open(self.password_file, encoding="utf-8") as fh:
+                return fh.readline().rstrip("\r\n")
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return None
+
+
+def is_pg_url(text: str) -> bool:
+    """Whether *text* names a PostgreSQL store (``postgresql://`` or ``postgres://``)."""
+    return text.startswith(("postgresql://", "postgres://"))
+
+
+class StoreLike(Protocol):
+    """What the AMS and the job table need of a store (both backends)."""
+
+    path: str
+    busy_timeout: float
+    #: True for a store that several nodes share (PostgreSQL): the AMS then refreshes the NSS
+    #: tables on other nodes' changes and publishes this node's busy uids.
+    cluster: bool
+
+    def write(self) -> AsyncContextManager[Any]: ...
+    def read(self) -> AsyncContextManager[Any]: ...
+    async def close(self) -> None: ...
+    def describe(self) -> str: ...
+
+
+async def open_store(where: "str | os.PathLike[str] | PgSettings", busy_timeout: float = 30.0) -> Any:
+    """Open the store *where* names: a sqlite path, a ``postgresql://`` URL or :class:`PgSettings`."""
+    if isinstance(where, str) and is_pg_url(where):
+        where = PgSettings(where)
+    if isinstance(where, PgSettings):
+        from .store_pg import PgStore
+
+        return await PgStore.open(where)
+    return await Store.open(os.fspath(where), busy_timeout=busy_timeout)
+
+
 class Txn:
     """A thin wrapper of the connection inside one transaction."""
 
@@ -186,6 +303,9 @@ class Store:
     are serialised by sqlite's own locking.
     """
 
+    #: One node's file: never shared by gateways of several nodes.
+    cluster = False
+
     def __init__(self, conn: aiosqlite.Connection, path: str, busy_timeout: float) -> None:
         self._conn = conn
         self.path = path
@@ -212,6 +332,10 @@ class Store:
     async def close(self) -> None:
         async with self._lock:
             await self._conn.close()
+
+    def describe(self) -> str:
+        """``sqlite PATH``."""
+        return f"sqlite {self.path}"
 
     async def _migrate(self) -> None:
         async with self.write() as txn:
@@ -283,6 +407,36 @@ def nss_snapshot(conn: sqlite3.Connection) -> tuple[list[tuple[str, int, int, st
     finally:
         conn.execute("ROLLBACK")
     return passwd, group
+
+
+async def nss_snapshot_async(store: StoreLike) -> tuple[list[tuple[str, int, int, str, str, str]],
+                                                       list[tuple[str, int, list[str]]], frozenset[str]]:
+    """:func:`nss_snapshot` through a store's read transaction (any backend), plus the names
+    of the banned mappings (static ones too: a ban closes live connections on every node)."""
+    async with store.read() as txn:
+        passwd = [
+            (r[0], r[1], r[2], r[3], r[4], r[5])
+            for r in await txn.all(
+                "SELECT name, uid, gid, gecos, home, shell FROM mappings"
+                " WHERE kind <> 'static' AND banned = 0 ORDER BY uid"
+            )
+        ]
+        members: dict[int, list[str]] = {}
+        for gid, name in await txn.all(
+            "SELECT mb.gid, m.name FROM members mb JOIN mappings m ON m.id = mb.mapping_id"
+            " WHERE m.banned = 0 AND m.kind <> 'static' ORDER BY mb.gid, m.name"
+        ):
+            members.setdefault(gid, []).append(name)
+        group: list[tuple[str, int, list[str]]] = []
+        for name, gid, kind, banned in await txn.all(
+            "SELECT g.name, g.gid, g.kind, m.banned FROM groups g LEFT JOIN mappings m ON m.id = g.owner"
+            " ORDER BY g.gid"
+        ):
+            if kind == "private" and banned:
+                continue
+            group.append((name, gid, members.get(gid, [])))
+        banned_names = frozenset(r[0] for r in await txn.all("SELECT name FROM mappings WHERE banned = 1"))
+    return passwd, group, banned_names
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:

@@ -12,6 +12,15 @@ leaves one ``open`` event with outcome ``refused`` instead (with ``[session] pam
 once the PAM helper said whether PAM opened the session).  Like sshd, never the command
 text: a command line may carry secrets, and the account, time and pid are what an admin
 traces.
+
+When the channel closes, the session is hung up as sshd does it: its pty master is closed
+at once (the process sees hangup, SIGHUP and EIO on its tty), its pipes are closed, and its
+process group gets SIGHUP.  The ``close`` event then waits up to :data:`CLOSE_AUDIT_WAIT`
+for the exit status; a process still running then (it ignores SIGHUP: ``nohup``, ``trap ''
+HUP``) goes on as an orphan, as under sshd: the gateway closes its pidfd (and the PAM
+helper's status pipe), audits ``close`` with ``running: true``, and leaves the reaping to
+:data:`.orphans.ORPHANS`, which holds no descriptor.  From the channel's close on, the
+session does not count against ``[limits]`` either.
 """
 
 from __future__ import annotations
@@ -37,13 +46,15 @@ from ..config import SessionConfig
 from . import libc
 from .environment import session_environment
 from .fdio import FdReader, FdWriter
+from .orphans import ORPHANS
 from .pamsession import KILL_CHILD, PamSessionProcess
 from .spawn import SpawnError, Stdio, spawn_as
 
 log = logging.getLogger(__name__)
 
 #: After the channel closes, the ``close`` event waits this long for the hung-up process's
-#: exit status (it is logged without one, ``running: true``, if it is not gone by then).
+#: exit status (it is logged without one, ``running: true``, if it is not gone by then, and
+#: the gateway stops watching the process).
 CLOSE_AUDIT_WAIT = 5.0
 
 
@@ -196,24 +207,22 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
             reader.resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The channel is gone: hang up the child's session, like a closed terminal."""
+        """The channel is gone: hang up the child's session, like a closed terminal (module
+        docstring); nothing of the session's is read or written any more."""
         self._chan = None
         if self._delegate is not None:
             self._delegate.connection_lost(exc)
-        if self._writer is not None:
-            self._writer.close()
-        if self._pty_master < 0:
-            self._close_pipes()
-        if self._proc is not None and self._proc.returncode is None:
+        running = self._proc is not None and self._proc.returncode is None
+        if running:
             try:
                 os.killpg(self._proc.pid, signal.SIGHUP)
             except ProcessLookupError:
                 pass
-        elif self._pty_master >= 0:
-            self._close_pty()
-        if self._proc is not None and self._proc.returncode is None:
-            # hung up: the close event waits a little for its exit status (_child_exited)
-            self._close_timer = self._loop.call_later(CLOSE_AUDIT_WAIT, self._audit_close)
+        self._close_io()  # pty master, or the pipes
+        if running:
+            # the close event waits a little for its exit status (_child_exited), then the
+            # gateway lets the process go (_let_go)
+            self._close_timer = self._loop.call_later(CLOSE_AUDIT_WAIT, self._let_go)
         else:
             self._audit_close()
         if self._ctx.on_close is not None:
@@ -241,8 +250,10 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         try:
             self._pidfd = os.pidfd_open(self._proc.pid)
         except OSError:
-            self._proc.kill()  # cannot watch it: do not leave it running unreaped
-            self._proc.wait()
+            # cannot watch it: do not leave it running; never wait for it here (it may be
+            # the account's by now, in a hung chdir): it is reaped when it is gone
+            self._proc.kill()
+            ORPHANS.adopt(self._loop, self._proc, self._ctx.account.name)
             raise
         self._loop.add_reader(self._pidfd, self._child_exited)
         log.info('session started for %s (%s) pid %d: %s', account.name, self._ctx.peer_host,
@@ -319,20 +330,43 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         assert self._proc is not None
         if self._proc.poll() is None:
             return
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = -1
+        self._stop_watching()
         log.info('session process %d of %s exited with %d', self._proc.pid,
                  self._ctx.account.name, self._proc.returncode)
         if self._pty_master >= 0:
             # Background jobs may keep the slave open: take what is buffered, then end,
             # as sshd does when the session's shell exits.
             self._readers[0].drain()
-            self._utmp(libc.DEAD_PROCESS)
-            self._close_pty()
+            self._close_io()
         self._maybe_finish()
         if self._chan is None:  # the channel went first (hang-up): now the close is complete
             self._audit_close()
+
+    def _stop_watching(self) -> None:
+        """Close the pidfd (the process has exited, or the gateway lets it go)."""
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _let_go(self) -> None:
+        """:data:`CLOSE_AUDIT_WAIT` after the hang-up: a process still running ignores it.
+        As under sshd it goes on, an orphan: the gateway keeps no descriptor of it (pidfd,
+        the PAM helper's status pipe), audits the close (``running: true``), and leaves the
+        reaping to :data:`ORPHANS`."""
+        self._close_timer = None
+        proc = self._proc
+        assert proc is not None
+        if proc.poll() is None:
+            self._stop_watching()
+            if isinstance(proc, PamSessionProcess):
+                proc.detach()
+            ORPHANS.adopt(self._loop, proc, self._ctx.account.name)
+            log.info('session process %d of %s ignored the hang-up: left running',
+                     proc.pid, self._ctx.account.name)
+            self._audit_close()
+        else:
+            self._child_exited()
 
     def _maybe_finish(self) -> None:
         """Send the exit status once the child is reaped and (exec) its output fully read."""
@@ -365,13 +399,16 @@ class UserSession(asyncssh.SSHServerSession[bytes]):
         for reader in self._readers:
             reader.close()
 
-    def _close_pty(self) -> None:
+    def _close_io(self) -> None:
+        """Close every descriptor of the session's I/O: the pipes, or the pty master (the
+        slave side hangs up) with the logout record in utmp/wtmp, as sshd writes it then."""
         self._close_pipes()
         if self._writer is not None:
             self._writer.close()
         if self._pty_master >= 0:
             os.close(self._pty_master)
             self._pty_master = -1
+            self._utmp(libc.DEAD_PROCESS)
 
     # --- audit ---------------------------------------------------------------------------------
 

@@ -1,32 +1,68 @@
 """Start a process as a mapped account: the only place where the gateway drops to a user.
 
-``subprocess.Popen`` forks and makes the child a session leader (``setsid``); the preexec
-step below then runs in the child, still as root: it sets the session's resource limits
-(``[session] rlimits``: only root may raise a hard limit), ``setgroups``, ``setresgid`` and
-``setresuid`` (all three uids, so the child can never get root back), and only *then*, with
-the user's credentials, sets no_new_privs, takes the controlling tty and changes into the
-home directory: the root process never opens a user-controlled path.
+The gateway never waits on anything the account can influence.  It starts the exec shim
+``xos-session-exec`` (``native/xos_session_exec.c``) as root, without a preexec step, so
+CPython's ``Popen`` uses vfork: nothing of the gateway runs in the child, and ``Popen``
+returns as soon as the shim is executing -- still as root, which no user can signal.  The
+shim then does what used to happen in a fork of the gateway while ``Popen`` blocked the
+event loop: it sets the session's resource limits (``[session] rlimits``: only root may
+raise a hard limit), ``setgroups``, ``setresgid``, ``setresuid`` (all three ids, checked,
+so the child can never get root back), and only *then*, with the user's credentials, sets
+no_new_privs, an empty signal mask and default signal actions, takes the controlling tty,
+changes into the home directory (``/`` when that fails) and execs the target.  A user who
+stops their processes in a loop (``kill -STOP -1``), or whose home hangs (a FUSE mount of
+theirs, a dead NFS server), now stops their own session only, never the gateway's loop.
+What fails after ``Popen`` returned is told on the session's stderr in one line, with exit
+status 125 (the set-up failed), 126 (cannot run the program) or 127 (no such program); the
+gateway audits that status as any other.  The environment goes to the shim through a memfd,
+never as its own environment: the dynamic loader obeys ``LD_PRELOAD``/``GLIBC_TUNABLES`` of a
+plain root process.
 
-With ``[session] pam = true`` the child is not the user's process but a root helper
-(:mod:`.pamsession`) that opens the PAM session and starts the user's process through the
-very same :func:`popen_as`.
+Why a C shim and not ``python -I -S shim.py`` (as :mod:`xos_sshd.cr.nsjob` does for jobs):
+both were built with the same command line and measured on the 2-core test machine (other
+test runs going on), session start alone (``true`` on an open connection, asyncssh client,
+300 runs interleaved, p50): C shim 6 ms, Python shim 26 ms, the former fork + preexec_fn
+12 ms; through an OpenSSH multiplexed connection, C 14 ms against 21 ms before.  A Python
+shim costs an interpreter start on every session's critical path (and CPU at every login on
+a small node); the C program costs one exec, and CPython can vfork for it instead of forking
+the gateway's whole address space.  ``bench/login.py --runs 80`` (login + ``true``, OpenSSH
+client) gave p50 111-115 ms (C), 132-138 ms (Python), 81-97 ms (before): that number is
+dominated by a 40 ms delayed-ACK stall in the key exchange, present with or without a
+session process (a refused subsystem, which starts none, is ~110 ms with either code), which
+the fork of the former code happened to dodge in half of the logins; it is not session start.
+The shim is ~300 lines of libc-only C, built by ``make -C native`` (and ``make run``),
+installed by ``make -C native install`` as :data:`DEFAULT_EXEC_HELPER`, checked by
+``xos-sshd doctor``.
+
+Before the shim's exec the child is the gateway's vfork, still root (no user may signal it):
+CPython blocks every signal around the vfork and resets the handlers to their defaults before
+the exec, and ``close_fds`` closes the gateway's signal wake-up socket, so nothing a user
+sends can reach a gateway handler (tests/test_session_signal_race.py); after the exec the
+shim resets every signal action and the mask itself.
+
+Where the shim is found (:func:`exec_helper`): ``[session] exec_helper`` when set, else
+:data:`DEFAULT_EXEC_HELPER`, else ``native/build/`` next to the package (a source checkout).
+It is run as root for every session, so it must be a root-owned file in a root-owned
+directory, neither writable by anyone else; anything else refuses the session.
+
+With ``[session] pam = true`` the process the gateway starts is not the user's but a root
+helper (:mod:`.pamsession`) that opens the PAM session and starts the user's process through
+the very same :func:`popen_as`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import functools
 import logging
-import os
 import resource
-import signal
 import subprocess
-import termios
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .libc import set_no_new_privs
+# The launcher lives in .execshim (cheap to import for the PAM helper); its names are this
+# module's API too.
+from .execshim import (DEFAULT_EXEC_HELPER, DEV_EXEC_HELPER, RLimit, SpawnError,  # noqa: F401
+                       Stdio, apply_rlimits, exec_helper, popen_as, shim_argv, unsafe_program)
 
 if TYPE_CHECKING:
     from ..ams import LocalAccount
@@ -34,27 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: A limit ready for setrlimit: (resource number, soft, hard); RLIM_INFINITY as Python has it.
-RLimit = tuple[int, int, int]
-
 #: The capability that lets root raise a hard limit above its own (capabilities(7)).
 _CAP_SYS_RESOURCE = 24
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 _warned: set[str] = set()
-
-
-class SpawnError(Exception):
-    """The user's process could not be started; the message says why."""
-
-
-@dataclass(frozen=True)
-class Stdio:
-    """The three file descriptors the child gets (a pty slave, or pipe ends)."""
-
-    stdin: int | IO[bytes]
-    stdout: int | IO[bytes]
-    stderr: int | IO[bytes]
 
 
 # --- resource limits ------------------------------------------------------------------------
@@ -125,76 +143,7 @@ def _text(limit: int) -> str:
     return 'unlimited' if limit == resource.RLIM_INFINITY else str(limit)
 
 
-def apply_rlimits(limits: Sequence[Sequence[int]]) -> None:
-    """setrlimit each ``(resource, soft, hard)`` on this process (children inherit them)."""
-    for res, soft, hard in limits:
-        resource.setrlimit(res, (soft, hard))
-
-
-# --- the drop -------------------------------------------------------------------------------
-
-
-def _forget_gateway_signals() -> None:
-    """In the fork, before the drop: forget the parent's signal handling.
-
-    The fork still has the gateway's Python signal handlers and their wake-up socket.  Once
-    the drop makes this process the account's, a signal the user sends it before exec would
-    be written into that socket and handled by the *gateway* (a SIGTERM stopped it, a SIGHUP
-    reloaded it).  So: no wake-up socket, and every handled signal back to its default."""
-    signal.set_wakeup_fd(-1)
-    for signum in signal.valid_signals():
-        try:
-            if callable(signal.getsignal(signum)):
-                signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-
-
-def _child_setup(uid: int, gid: int, groups: Sequence[int], home: str, take_tty: bool,
-                 rlimits: Sequence[RLimit], parent: int | None) -> None:
-    """Runs in the forked child (a session leader, still root): limits, drop, then as the
-    user harden, take the tty, go home.  With *parent* (the PAM helper's pid), the child is
-    also killed when that parent dies (set after the drop, which would clear it)."""
-    _forget_gateway_signals()
-    try:
-        apply_rlimits(rlimits)
-    except OSError as exc:
-        os.write(2, f'xos-sshd: cannot set resource limits: {exc}\n'.encode())
-        raise
-    os.setgroups(list(groups))
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    set_no_new_privs()
-    if parent is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # it died before the line above
-            os._exit(1)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the PAM helper blocks signals
-    if take_tty:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    try:
-        os.chdir(home)
-    except OSError:
-        os.chdir('/')
-
-
-def popen_as(uid: int, gid: int, groups: Sequence[int], home: str, argv: Sequence[str],
-             env: Mapping[str, str], stdio: Stdio, *, executable: str, take_tty: bool = False,
-             rlimits: Sequence[RLimit] = (), die_with_parent: bool = False
-             ) -> subprocess.Popen[bytes]:
-    """The one way a process is started as an account (the gateway's sessions and the PAM
-    helper's user process): *argv* runs with exactly *uid*, *gid* and *groups*, as a session
-    leader, no_new_privs set, an empty signal mask, and only *env* in its environment.
-    *die_with_parent*: SIGKILL it when this process dies (the PAM helper, which cannot
-    forward a SIGKILL it gets itself)."""
-    if uid == 0 or gid == 0:
-        raise SpawnError(f'refusing to start a process as uid {uid}/gid {gid}')
-    parent = os.getpid() if die_with_parent else None
-    return subprocess.Popen(
-        list(argv), executable=executable, env=dict(env),
-        stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr,
-        start_new_session=True, close_fds=True,
-        preexec_fn=lambda: _child_setup(uid, gid, groups, home, take_tty, rlimits, parent))
+# --- sessions --------------------------------------------------------------------------------
 
 
 def spawn_as(account: LocalAccount, argv: Sequence[str], env: Mapping[str, str], stdio: Stdio,
@@ -215,12 +164,32 @@ def spawn_as(account: LocalAccount, argv: Sequence[str], env: Mapping[str, str],
         raise SpawnError(f'refusing to start a process as uid {account.uid}/gid {account.gid}')
     groups = [gid for _name, gid in account.groups]
     try:
+        helper = exec_helper(session.exec_helper)
         rlimits = child_rlimits(session.rlimits)
         if session.pam:
             from .pamsession import launch
             return launch(session, account, groups, argv, env, stdio, executable=executable,
-                          take_tty=take_tty, rhost=rhost, rlimits=rlimits)
+                          take_tty=take_tty, rhost=rhost, rlimits=rlimits, helper=helper)
         return popen_as(account.uid, account.gid, groups, account.home, argv, env, stdio,
-                        executable=executable, take_tty=take_tty, rlimits=rlimits)
-    except (OSError, subprocess.SubprocessError) as exc:
+                        executable=executable, take_tty=take_tty, rlimits=rlimits,
+                        helper=helper)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
         raise SpawnError(f'cannot start {executable} as {account.name}: {exc}') from None
+
+
+def exec_helper_status(configured: Path | None) -> tuple[str, str, str, str]:
+    """``xos-sshd doctor``'s line on the exec shim: ``(level, check, detail, fix)``.  It is
+    found, safe to run as root, and is the shim (run without arguments it only prints its
+    usage and exits 125: nothing is started)."""
+    check = 'session exec helper'
+    fix = ('make -C native install (or set [session] exec_helper to a root-owned build of '
+           'native/xos_session_exec.c)')
+    try:
+        path = exec_helper(configured)
+        probe = subprocess.run([path], capture_output=True, text=True, timeout=10, env={})
+    except (SpawnError, OSError, subprocess.SubprocessError) as exc:
+        return 'fail', check, str(exc).removeprefix(check + ' '), fix
+    if probe.returncode != 125 or 'usage: xos-session-exec' not in probe.stderr:
+        return ('fail', check, f'{path} is not xos-session-exec (exit status '
+                f'{probe.returncode}): every session would fail', fix)
+    return 'ok', check, f'{path} (sessions start through it)', ''
