@@ -8,7 +8,9 @@ mappings), up to :data:`MAX_REPLY`.  The same functions serve the daemon (asynci
 clients (blocking sockets), so both sides enforce the same limits.
 
 Request ``{"op": "...", ...}``; reply ``{"ok": true, ...}`` or
-``{"ok": false, "reason": "code", "error": "one human line"}``.
+``{"ok": false, "reason": "code", "error": "one human line"}`` (:func:`error_reply`, which
+passes the message through :func:`one_line`, the one sanitiser of peer text: a message may
+quote what a client sent).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ MAX_FRAME = 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024
 FRAME_TIMEOUT = 5.0
 IDLE_TIMEOUT = 30.0
+#: At most this many characters of a refusal's ``error``.
+MAX_ERROR = 1000
 _HEADER = struct.Struct('>I')
 
 
@@ -43,12 +47,19 @@ class ControlError(Exception):
 
 
 def error_reply(reason: str, message: str) -> dict[str, Any]:
-    """The one shape of a refusal."""
-    return {'ok': False, 'reason': reason, 'error': _one_line(message)}
+    """The one shape of a refusal (the message through :func:`one_line`)."""
+    return {'ok': False, 'reason': reason, 'error': one_line(message, MAX_ERROR)}
 
 
-def _one_line(text: str) -> str:
-    return ' '.join(text.split())[:1000]
+def one_line(text: Any, limit: int = 500) -> str:
+    """*text* made fit for one log line, audit field, reply or terminal line: every control
+    or format character (line breaks, terminal escapes, NULs, C1 controls, bidi overrides...)
+    becomes a space, runs of whitespace one space, and at most *limit* characters are kept.
+    The one sanitiser for text that comes from a peer (a client of either socket, a peer
+    gateway, the gateway as seen by ``xos-cr``): standard library only, like this module."""
+    text = str(text)[:limit * 4]
+    text = ''.join(c if c.isprintable() else ' ' for c in text)
+    return ' '.join(text.split())[:limit]
 
 
 def encode(obj: dict[str, Any], limit: int = MAX_FRAME) -> bytes:

@@ -417,6 +417,17 @@ def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------- output
+#
+# Whatever the gateway sends is shown through _safe (protocol.one_line: control and format
+# characters -- terminal escapes, NUL, bidi overrides -- become spaces): a hostile gateway, or
+# a job command made to look like something else, cannot drive the user's terminal.  Only the
+# bytes of ``logs`` (the job's own output, the user's) and ``--json`` (escaped by JSON) are
+# written as they come.
+
+
+def _safe(value: Any, limit: int = 500) -> str:
+    """*value* (text from the gateway) fit for one line of the user's terminal."""
+    return protocol.one_line(value, limit)
 
 
 def _when(epoch: Any) -> str:
@@ -426,14 +437,14 @@ def _when(epoch: Any) -> str:
 
 
 def _command(argv: Any, width: int = 60) -> str:
-    text = ' '.join(str(a) for a in argv or ()) or '-'
+    text = _safe(' '.join(str(a) for a in argv or ()), width + 1) or '-'
     return text if len(text) <= width else text[:width - 3] + '...'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ['  '.join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-             for r in [header, *rows]]
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_safe(c, 200) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     return '\n'.join(lines)
 
 
@@ -524,7 +535,7 @@ async def _execute(t: Any, command: str, args: argparse.Namespace) -> int:
                 raise Usage(f'run: --env wants NAME=VALUE, not {item!r}')
             env[name] = value
         reply = await t.call('run', argv=argv, **({'env': env} if env else {}))
-        print(reply['job']['id'])
+        print(_safe(reply['job']['id']))
     elif command == 'list':
         jobs = (await t.call('list'))['jobs']
         print(json.dumps(jobs, indent=2)) if args.json else print_jobs(jobs)
@@ -539,18 +550,19 @@ async def _execute(t: Any, command: str, args: argparse.Namespace) -> int:
         sys.stderr.write(reply['stderr'])
         for name, cut in (reply.get('truncated') or {}).items():
             if cut:
-                sys.stderr.write(f'{PROG}: only the last part of the {name} of {args.job} was '
-                                 f'shown ({reply.get(name + "_size")} bytes in all)\n')
+                sys.stderr.write(f'{PROG}: only the last part of the {_safe(name, 20)} of '
+                                 f'{args.job} was shown ({_safe(reply.get(name + "_size"), 20)} '
+                                 f'bytes in all)\n')
     elif command == 'kill':
         reply = await t.call('kill', job=args.job, signal=args.signal)
-        state = reply['job']['state']
+        state = _safe(reply['job']['state'], 40)
         print(f'{args.job} {state if reply.get("ended") else "signalled (still running)"}')
     elif command == 'checkpoint':
         reply = await t.call('checkpoint', job=args.job, stop=args.stop)
-        print(json.dumps(reply['image'], indent=2) if args.json else reply['image']['id'])
+        print(json.dumps(reply['image'], indent=2) if args.json else _safe(reply['image']['id']))
     elif command == 'restart':
         fields = {'logs_of': args.logs_of} if args.logs_of else {}
-        print((await t.call('restart', image=args.image, **fields))['job']['id'])
+        print(_safe((await t.call('restart', image=args.image, **fields))['job']['id']))
     elif command == 'rm':
         await t.call('rm', image=args.image)
     elif command == 'caps':
@@ -558,16 +570,16 @@ async def _execute(t: Any, command: str, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(caps, indent=2))
         else:
-            print(f'node {caps.get("node")} (CRIU {caps.get("criu") or "-"}): migration mode '
-                  f'{caps.get("best")}')
-            print(f'  as a source: {" ".join(caps.get("send") or ()) or "-"}')
-            print(f'  as a target: {" ".join(caps.get("receive") or ()) or "-"}')
+            print(f'node {_safe(caps.get("node"), 200)} (CRIU {_safe(caps.get("criu") or "-", 80)}'
+                  f'): migration mode {_safe(caps.get("best"), 40)}')
+            print(f'  as a source: {_safe(" ".join(map(str, caps.get("send") or ()))) or "-"}')
+            print(f'  as a target: {_safe(" ".join(map(str, caps.get("receive") or ()))) or "-"}')
             for mode, why in sorted((caps.get('why') or {}).items()):
-                print(f'  {mode}: {why}')
+                print(f'  {_safe(mode, 40)}: {_safe(why, 2000)}')
     elif command == 'get':
         await t.get(args.image, args.file)
     elif command == 'put':
-        print((await t.put(args.file))['id'])
+        print(_safe((await t.put(args.file))['id']))
     return 0
 
 
@@ -629,7 +641,8 @@ def parse(argv: Sequence[str]) -> tuple[Settings, str | None, str, argparse.Name
 
 
 def _fail(message: str, status: int) -> NoReturn:
-    sys.stderr.write(f'{PROG}: {" ".join(message.split())}\n')
+    """One line on stderr (the gateway's words through :func:`_safe`), exit *status*."""
+    sys.stderr.write(f'{PROG}: {_safe(message, 8000)}\n')
     sys.exit(status)
 
 

@@ -161,56 +161,73 @@ def _migrate_root(store: ImageStore, uid: int) -> int:
     return ufd
 
 
+#: The kinds of :class:`MigrationLedger` entries: a migration stream (either direction), an
+#: ``xos-images`` upload (cr/sftp.py).  Only migrations count as streams (:meth:`live`).
+MIGRATION = 'migration'
+UPLOAD = 'upload'
+_OTHERS = {MIGRATION: 'incoming migration', UPLOAD: 'upload'}
+
+
 def quota_error(store: ImageStore, uid: int, used: int, this: int, others: int = 0,
-                streams: int = 0) -> ImageError:
-    """The refusal of a migration that would stage *this* bytes for *uid* while its images
-    use *used* and *streams* other incoming migrations of it have *others* staged."""
-    besides = (f' and {others} bytes staged by {streams} other incoming migration'
-               f'{"s" if streams != 1 else ""}' if streams else '')
-    return ImageError('quota-exceeded', f'image quota exceeded for uid {uid}: this migration '
+                entries: Mapping[str, int] | None = None, what: str = MIGRATION) -> ImageError:
+    """The refusal of a *what* (migration, upload) that would stage *this* bytes for *uid*
+    while its images use *used* and its other incoming entries (*entries*: kind -> how
+    many) have *others* bytes staged."""
+    kinds = [(k, n) for k, n in (entries or {}).items() if n]
+    besides = (f' and {others} bytes staged by ' + ' and '.join(
+        f'{n} {"other " if k == what else ""}{_OTHERS.get(k, k)}{"s" if n != 1 else ""}'
+        for k, n in kinds) if kinds else '')
+    return ImageError('quota-exceeded', f'image quota exceeded for uid {uid}: this {what} '
                       f'would stage {this} bytes; with {used} bytes in its images{besides} '
                       f'that is {used + others + this} of {store.quota_bytes} allowed')
 
 
 class MigrationLedger:
-    """What one gateway's live migration streams hold, per account: how many run (either
-    direction: each holds a worker thread, spool space and a frozen or arriving job), and
-    how many bytes the incoming ones have *staged* on this node's disk (signed parts, page
-    files, archives being imported).
+    """What one gateway takes in, per account: its live migration streams (either direction:
+    each holds a worker thread, spool space and a frozen or arriving job) and its
+    ``xos-images`` uploads, and how many bytes each incoming one has *staged* on this node's
+    disk (signed parts, page files, archives being imported, upload spool files).
 
-    An account's staged bytes, over all its live streams, plus what its images use, never
-    pass its image quota: :meth:`charge` refuses (``quota-exceeded``) the bytes that would.
-    What the images use is the latest figure the streams learnt (:meth:`note_stored`, at
-    each stream's start and after an import).  Belongs to one :class:`CRService`; thread-safe
-    (archives are received in worker threads).
+    An account's staged bytes, over all its live entries of every kind, plus what its images
+    use, never pass its image quota: :meth:`charge` refuses (``quota-exceeded``) the bytes
+    that would.  What the images use is the latest figure the entries learnt
+    (:meth:`note_stored`, at each entry's start and after an import).  Only migration
+    streams count in :meth:`live` (the concurrency limits of cr/migrate.py).  Belongs to one
+    :class:`CRService`; thread-safe (archives are received in worker threads).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._uid: dict[int, int] = {}  # stream token -> uid
-        self._staged: dict[int, int] = {}  # stream token -> bytes it has staged
+        self._uid: dict[int, int] = {}  # entry token -> uid
+        self._kind: dict[int, str] = {}  # entry token -> MIGRATION | UPLOAD
+        self._staged: dict[int, int] = {}  # entry token -> bytes it has staged
         self._stored: dict[int, int] = {}  # uid -> bytes its images use (last known)
         self._tokens = itertools.count(1)
 
-    def enter(self, uid: int) -> int:
-        """Count a new stream of *uid*; its token (give it back with :meth:`leave`)."""
+    def enter(self, uid: int, kind: str = MIGRATION) -> int:
+        """Count a new entry of *uid* (a migration stream, or an upload); its token (give it
+        back with :meth:`leave`)."""
+        if kind not in _OTHERS:
+            raise ValueError(f'unknown ledger entry kind {kind!r}')
         with self._lock:
             token = next(self._tokens)
-            self._uid[token], self._staged[token] = uid, 0
+            self._uid[token], self._kind[token], self._staged[token] = uid, kind, 0
             return token
 
     def leave(self, token: int) -> None:
-        """The stream ended and what it staged is gone: it counts no more."""
+        """The entry ended and what it staged is gone: it counts no more."""
         with self._lock:
             uid = self._uid.pop(token, None)
+            self._kind.pop(token, None)
             self._staged.pop(token, None)
             if uid is not None and uid not in self._uid.values():
                 self._stored.pop(uid, None)
 
     def live(self, uid: int | None = None) -> int:
-        """Live streams of *uid* (of every account: None)."""
+        """Live migration streams of *uid* (of every account: None); uploads not counted."""
         with self._lock:
-            return sum(1 for u in self._uid.values() if uid is None or u == uid)
+            return sum(1 for t, u in self._uid.items()
+                       if self._kind[t] == MIGRATION and (uid is None or u == uid))
 
     def note_stored(self, uid: int, used: int) -> None:
         """*uid*'s images use *used* bytes now (read from the image store)."""
@@ -218,18 +235,18 @@ class MigrationLedger:
             self._stored[uid] = used
 
     def staged(self, uid: int) -> int:
-        """Bytes staged by all live streams of *uid*."""
+        """Bytes staged by all live entries (migrations and uploads) of *uid*."""
         with self._lock:
             return sum(self._staged[t] for t, u in self._uid.items() if u == uid)
 
     def charge(self, token: int, nbytes: int, store: ImageStore) -> None:
-        """Stream *token* is about to stage *nbytes* more; ImageError ``quota-exceeded`` (and
+        """Entry *token* is about to stage *nbytes* more; ImageError ``quota-exceeded`` (and
         nothing charged) when that would take its account past the image quota."""
         with self._lock:
             self._set(token, self._staged[token] + nbytes, store)
 
     def settle(self, token: int, total: int, store: ImageStore) -> None:
-        """What stream *token* has staged is exactly *total* bytes (measured on disk), checked
+        """What entry *token* has staged is exactly *total* bytes (measured on disk), checked
         against the quota as :meth:`charge`."""
         with self._lock:
             self._set(token, total, store)
@@ -240,7 +257,8 @@ class MigrationLedger:
         other_bytes = sum(self._staged[t] for t in others)
         used = self._stored.get(uid, 0)
         if used + other_bytes + total > store.quota_bytes:
-            raise quota_error(store, uid, used, total, other_bytes, len(others))
+            entries = {kind: sum(1 for t in others if self._kind[t] == kind) for kind in _OTHERS}
+            raise quota_error(store, uid, used, total, other_bytes, entries, self._kind[token])
         self._staged[token] = total
 
 

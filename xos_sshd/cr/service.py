@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ams import LocalAccount
-from ..control.protocol import error_reply
+from ..control.protocol import error_reply, one_line  # one_line: the one sanitiser of peer text
 from . import criu
 from .imagefs import remove_path
 from .images import ImageError, ImageInfo, ImageStore, Owner
@@ -159,7 +159,8 @@ class CRService:
         self._start_locks: dict[int, asyncio.Lock] = {}
         #: Job id -> the operation that has it (checkpoint, kill, migration): see job_op.
         self._job_ops: dict[str, str] = {}
-        #: This gateway's live migration streams and the bytes they staged (cr/migrate.py).
+        #: This gateway's incoming bytes per account: live migration streams (cr/migrate.py)
+        #: and xos-images uploads (cr/sftp.py), and what each has staged on disk.
         self.migrations = MigrationLedger()
         self._handlers = {
             'run': self._run, 'list': self._list, 'logs': self._logs, 'kill': self._kill,
@@ -603,16 +604,6 @@ def _our_zombie(pid: int | None) -> bool:
     except (OSError, IndexError, TypeError):
         return False
     return fields[0] == 'Z' and fields[1] == str(os.getpid())
-
-
-def one_line(text: Any, limit: int = 500) -> str:
-    """*text* made fit for one log or audit line: every control or format character (line
-    breaks, terminal escapes, NULs, bidi overrides...) becomes a space, runs of whitespace
-    one space, and at most *limit* characters are kept.  The one sanitiser for text that
-    comes from a client or a peer gateway (error messages, node names, ids as sent)."""
-    text = str(text)[:limit * 4]
-    text = ''.join(c if c.isprintable() else ' ' for c in text)
-    return ' '.join(text.split())[:limit]
 
 
 def _safe(value: Any) -> str | None:

@@ -15,8 +15,18 @@ filesystem as root: every one of them is overridden here, the unknown ones refus
                         for ``xos-cr``'s ``imported`` op either way.
 
 Anything else does not exist (reads) or is refused with permission denied (writes, renames,
-links, removals, attribute changes).  Uploads are bounded: :data:`MAX_UPLOAD` bytes (or the
-image store's byte quota when smaller) and :data:`MAX_OPEN_UPLOADS` at once per session.
+links, removals, attribute changes).
+
+Uploads are bounded: :data:`MAX_UPLOAD` bytes each, :data:`MAX_OPEN_UPLOADS` at once per
+session, and every byte an upload puts in its spool file is charged to the account in the
+gateway's ledger of incoming bytes (``CRService.migrations``, :class:`migimage.MigrationLedger`)
+before it is written, with its other uploads and its incoming migrations: all of them plus
+what its images use may not pass its byte quota (``quota-exceeded``, naming the numbers).
+A refused write ends the upload at once (spool file emptied and removed, charge released);
+the charge is released too when the upload is imported (its bytes are then the account's
+image: the import's working copy in the store is the same bytes, not charged twice), when
+its import is refused, and when the session ends with it still open (abandoned: nothing is
+imported).
 """
 
 from __future__ import annotations
@@ -48,15 +58,15 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
+from ..control.protocol import one_line
+from .images import ImageError
+from .migimage import UPLOAD as LEDGER_UPLOAD
 from .service import IMAGE_ID, UPLOAD_NAME, Caller, CRService
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD = 64 << 30
 MAX_OPEN_UPLOADS = 4
-#: Bytes in the upload spool per uid, across all sessions: bounded by the same limit as one
-#: upload, so that many sessions cannot fill the gateway's disk.
-_SPOOLED: dict[int, int] = {}
 UPLOAD = 'upload'
 _WRITE_FLAGS = FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC | FXF_EXCL
 
@@ -71,11 +81,21 @@ class _Download:
 
 
 class _Upload:
-    def __init__(self, name: str, path: Path, fd: int) -> None:
+    def __init__(self, name: str, path: Path, fd: int, token: int) -> None:
         self.name, self.path, self.fd = name, path, fd
+        self.token = token  # its entry in the service's ledger; 0 once released
         self.size = 0
         self.closed = False
         self.failed = ''  # a write was refused: the close reports it, imports nothing
+        self.writing = 0  # writes running in a worker thread: the fd outlives them
+
+    def shut(self) -> None:
+        """No more writes: the fd is closed now, or when the last write running ends (never
+        under a worker thread's feet: the number could be reused by another open)."""
+        self.closed = True
+        if not self.writing and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Refused(Exception):
@@ -108,9 +128,10 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
         self._uploads: dict[str, _Upload] = {}
         #: Archives exported in this session (stat then open of one image: one export).
         self._exports: dict[str, Path] = {}
+        #: Releases what the session still holds once its channel is closed, whatever
+        #: asyncssh's own clean-up did (see _when_closed).
+        self._watch: asyncio.Future[None] | None = None
         self._started = time.time()
-        quota = getattr(service.images, 'quota_bytes', None)
-        self._limit = min(MAX_UPLOAD, quota) if isinstance(quota, int) and quota > 0 else MAX_UPLOAD
 
     # --- names ------------------------------------------------------------------------------
 
@@ -159,6 +180,7 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
         return [i for i in infos if i.owner == self._caller.owner]
 
     async def _export(self, image_id: str) -> Path:
+        self._watch_channel()
         path = self._exports.get(image_id)
         if path is None or not path.exists():
             path = self._exports[image_id] = Path(await self._call(
@@ -167,15 +189,14 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
 
     async def _call(self, coro: Any) -> Any:
         """Run a service call; its refusals become SFTP errors with the reason."""
-        from .images import ImageError
         from .jobs import JobError
         from .service import CRError
         try:
             return await coro
         except (ImageError, JobError, CRError) as exc:
             if exc.reason in ('no-such-image', 'no-such-job'):
-                raise SFTPNoSuchFile(str(exc)) from None
-            raise SFTPFailure(f'{exc.reason}: {" ".join(str(exc).split())}') from None
+                raise SFTPNoSuchFile(one_line(exc)) from None
+            raise SFTPFailure(f'{exc.reason}: {one_line(exc)}') from None
 
     async def stat(self, path: bytes) -> SFTPAttrs:
         kind, name = self._where(path)
@@ -233,7 +254,7 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
         if kind == 'upload':
             if not pflags & FXF_WRITE or pflags & FXF_READ:
                 raise SFTPPermissionDenied('the upload area is write-only')
-            return self._new_upload(name)
+            return await self._new_upload(name)
         if writing:
             raise SFTPPermissionDenied('only /upload/NAME.tar (NAME: letters, digits, ._-) '
                                        'can be written')
@@ -272,43 +293,75 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
             raise SFTPFailure('upload area unusable (see the gateway log)')
         return mine
 
-    def _new_upload(self, name: str) -> _Upload:
+    async def _new_upload(self, name: str) -> _Upload:
         if name in self._uploads:
             raise SFTPFailure(f'{name} is being uploaded already in this session')
         if len(self._uploads) >= MAX_OPEN_UPLOADS:
             raise SFTPFailure(f'at most {MAX_OPEN_UPLOADS} uploads at once')
-        path = self._user_upload_dir() / f'{secrets.token_hex(12)}.part'
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        up = _Upload(name, path, fd)
+        self._watch_channel()
+        uid = self._caller.account.uid
+        used, _count = await self._service.images.usage(uid)
+        ledger = self._service.migrations
+        token = ledger.enter(uid, LEDGER_UPLOAD)
+        ledger.note_stored(uid, used)
+        try:
+            path = self._user_upload_dir() / f'{secrets.token_hex(12)}.part'
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+        except BaseException:
+            ledger.leave(token)
+            raise
+        up = _Upload(name, path, fd, token)
         self._uploads[name] = up
         return up
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         if not isinstance(file_obj, _Upload) or file_obj.closed:
             raise SFTPPermissionDenied('images are read-only: upload into /upload/NAME.tar')
-        end = offset + len(data)
-        uid = self._caller.account.uid
-        grow = max(0, end - file_obj.size)
         if file_obj.failed:
             raise SFTPFailure(file_obj.failed)
-        if end > self._limit or _SPOOLED.get(uid, 0) + grow > self._limit:
-            file_obj.failed = (f'quota-exceeded: uploads in progress may hold at most '
-                               f'{self._limit} bytes')
-            raise SFTPFailure(file_obj.failed)
-        _SPOOLED[uid] = _SPOOLED.get(uid, 0) + grow
+        end = offset + len(data)
+        grow = max(0, end - file_obj.size)
+        try:
+            if end > MAX_UPLOAD:
+                raise ImageError('quota-exceeded', f'an upload may be at most {MAX_UPLOAD} bytes')
+            if grow:  # before it is written; refused past the account's quota
+                self._service.migrations.charge(file_obj.token, grow, self._service.images)
+        except ImageError as exc:
+            self._give_up(file_obj, f'{exc.reason}: {one_line(exc)}')
+            raise SFTPFailure(file_obj.failed) from None
         file_obj.size += grow
-        await asyncio.to_thread(os.pwrite, file_obj.fd, data, offset)
+        file_obj.writing += 1
+        try:
+            await asyncio.to_thread(os.pwrite, file_obj.fd, data, offset)
+        finally:
+            file_obj.writing -= 1
+            if file_obj.closed:  # the session ended meanwhile (_when_closed)
+                file_obj.shut()
         return len(data)
 
-    def _unspool(self, up: _Upload) -> None:
-        uid = self._caller.account.uid
-        left = _SPOOLED.get(uid, 0) - up.size
-        if left > 0:
-            _SPOOLED[uid] = left
-        else:
-            _SPOOLED.pop(uid, None)
-        up.size = 0
+    def _give_up(self, up: _Upload, failure: str) -> None:
+        """A write of *up* was refused: the upload is over (the close reports *failure* and
+        imports nothing); its spool file is emptied and removed and its charge released now,
+        not when the client gets round to closing it."""
+        up.failed = failure
+        log.info('xos-images: upload %s of %s refused: %s', up.name, self._caller.account.name,
+                 failure)
+        try:
+            os.ftruncate(up.fd, 0)
+        except OSError:
+            pass
+        self._release(up)
+
+    def _release(self, up: _Upload) -> None:
+        """Remove *up*'s spool file; then it counts no more in the ledger."""
+        try:
+            os.unlink(up.path)
+        except FileNotFoundError:
+            pass
+        if up.token:
+            self._service.migrations.leave(up.token)
+            up.token = 0
 
     async def close(self, file_obj: object) -> None:
         if isinstance(file_obj, _Download):
@@ -317,31 +370,43 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
         if not isinstance(file_obj, _Upload) or file_obj.closed:
             return
         up = file_obj
-        up.closed = True
-        os.close(up.fd)
+        up.shut()
         self._uploads.pop(up.name, None)
+        uid = self._caller.account.uid
+        if self.channel.is_closing() and not up.failed:
+            # asyncssh closes what a client left open when its session ends: abandoned
+            # (perhaps half written), nothing is imported and nobody is there to tell.
+            self._release(up)
+            log.info('xos-images: upload %s of %s abandoned after %d bytes', up.name,
+                     self._caller.account.name, up.size)
+            return
         try:
-            if up.failed:
-                raise _Refused(up.failed)
-            with open(up.path, 'rb', buffering=1 << 20) as f:
-                info = await self._service.import_archive(self._caller, f, upload=up.name)
-        except Exception as exc:
-            reason = getattr(exc, 'reason', None)
-            if reason is None:
-                log.exception('xos-images: import of %s for %s failed', up.name,
-                              self._caller.account.name)
-                reason, text = 'internal-error', 'import failed inside xos-sshd (see its log)'
-            else:
-                text = ' '.join(str(exc).split())
-            self._service.record_upload(self._caller, up.name,
-                                        {'ok': False, 'reason': reason, 'error': text})
-            raise SFTPFailure(f'{reason}: {text}') from None
-        finally:
-            self._unspool(up)
             try:
-                os.unlink(up.path)
-            except FileNotFoundError:
-                pass
+                if up.failed:
+                    raise _Refused(up.failed)
+                with open(up.path, 'rb', buffering=1 << 20) as f:
+                    info = await self._service.import_archive(self._caller, f, upload=up.name)
+            except Exception as exc:
+                reason = getattr(exc, 'reason', None)
+                if reason is None:
+                    log.exception('xos-images: import of %s for %s failed', up.name,
+                                  self._caller.account.name)
+                    reason, text = 'internal-error', 'import failed inside xos-sshd (see its log)'
+                else:
+                    text = one_line(exc)
+                self._service.record_upload(self._caller, up.name,
+                                            {'ok': False, 'reason': reason, 'error': text})
+                if self.channel.is_closing():  # nobody to tell; never break asyncssh's cleanup
+                    return
+                raise SFTPFailure(f'{reason}: {text}') from None
+            try:  # its bytes are the account's stored image now (still charged to the upload
+                # until released below: counted twice for a moment, never not at all)
+                self._service.migrations.note_stored(
+                    uid, (await self._service.images.usage(uid))[0])
+            except OSError as exc:
+                log.warning('xos-images: the image usage of uid %d is unreadable: %s', uid, exc)
+        finally:
+            self._release(up)
         self._service.record_upload(self._caller, up.name, {'ok': True, 'image': info.as_dict()})
         log.info('xos-images: %s uploaded %s as image %s', self._caller.account.name, up.name,
                  info.id)
@@ -351,19 +416,27 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
             raise SFTPPermissionDenied('attributes cannot be changed')
 
     async def exit(self) -> None:
-        for path in self._exports.values():
+        """The session is over: release its exports, and the uploads it left open (their
+        spool files and their charge in the ledger).  Idempotent."""
+        while self._exports:
+            _image, path = self._exports.popitem()
             await self._service.release_export(path)
-        self._exports.clear()
-        for up in list(self._uploads.values()):  # a session that ended mid-upload
-            if not up.closed:
-                up.closed = True
-                os.close(up.fd)
-            self._unspool(up)
-            try:
-                os.unlink(up.path)
-            except FileNotFoundError:
-                pass
-        self._uploads.clear()
+        while self._uploads:  # a session that ended mid-upload
+            _name, up = self._uploads.popitem()
+            up.shut()
+            self._release(up)
+
+    def _watch_channel(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._when_closed())
+
+    async def _when_closed(self) -> None:
+        """asyncssh closes each open file, then calls :meth:`exit`, when the session ends;
+        but a close that raises there (an import refused when a client's bad packet ended the
+        session) stops its clean-up, and the connection is dropped.  Once the channel is
+        closed, whatever is still held is released here."""
+        await self.channel.wait_closed()
+        await self.exit()
 
     # --- everything else: refused -------------------------------------------------------------
 
