@@ -187,3 +187,25 @@ def test_open_session_creates_the_home_like_a_gateway_login(gateway: GatewayProc
     assert sessions[0]['tty'] == '/dev/pts/9' and sessions[0]['source'] == '192.0.2.7'
     assert all(e['account'] == 'dev-alice' and e['route'] == 'pam' for e in sessions)
     assert _call(gateway, 'pam.open_session', service='sshd', user='dev-zed')['reason'] == 'not-mapped'
+
+
+def test_hostile_rhost_and_tty_reach_logs_inert(gateway: GatewayProcess, dev_ca: VOCA,
+                                                tmp_path: Path) -> None:
+    """PAM_RHOST and PAM_TTY are whatever the PAM application (or a local client of the
+    socket) says: terminal escapes, line breaks and bidi overrides in them must not reach
+    the gateway's log or the audit fields."""
+    alice = map_user(gateway, dev_ca, 'alice', tmp_path)
+    hostile = 'evil\x1b]0;owned\x07\u202ehost\nFAKE login accepted'
+    got = pam_auth(gateway.control_socket, alice, 'dev-nobody', rhost=hostile)
+    assert got['ok'] is False
+    got = _call(gateway, 'pam.open_session', service='sshd', user='dev-alice',
+                tty='/dev/pts/1\x1b[2J\r\nFAKE', rhost=hostile)
+    assert got['ok'] is True, got
+    log = gateway.log()
+    assert 'evil' in log and 'FAKE login accepted' in log  # logged, but inert
+    for bad in ('\x1b', '\x07', '\u202e', '\r', 'host\nFAKE'):
+        assert bad not in log
+    fields = [str(v) for e in _pam_audit(gateway) + gateway.audit()
+              for k, v in e.items() if k in ('source', 'tty')]
+    assert any('evil' in f for f in fields)
+    assert not any(c in f for f in fields for c in '\x1b\x07\u202e\r\n')

@@ -20,7 +20,7 @@ from ..ams import LocalAccount, MappingRefused
 from ..auth.challenge import MAX_ANSWER_CHARS, verify_challenge_answer
 from ..auth.errors import AuthRefused
 from ..gateway import LoginRefused
-from .protocol import ControlError
+from .protocol import ControlError, one_line
 from .server import ROOT, Op, Request
 
 NONCE_BYTES = 32
@@ -49,7 +49,9 @@ def _user(req: Request) -> str:
 
 
 def _source(req: Request) -> str | None:
-    return req.text('rhost', required=False, max_len=256)
+    """PAM_RHOST as the PAM application set it: peer text, made inert for logs."""
+    rhost = req.text('rhost', required=False, max_len=256)
+    return None if rhost is None else one_line(rhost, 256)
 
 
 def _recent(req: Request) -> dict[str, tuple[list[bytes], float]]:
@@ -136,6 +138,7 @@ async def pam_account(req: Request) -> dict[str, Any]:
 async def _session(req: Request, action: str) -> dict[str, Any]:
     service, user = _service(req), _user(req)
     tty = req.text('tty', required=False, max_len=256)
+    tty = None if tty is None else one_line(tty, 256)
     rhost = _source(req)
     gateway = req.gateway
     account: LocalAccount | None = await gateway.ams.renew(user)

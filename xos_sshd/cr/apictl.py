@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..ams import LocalAccount
+from ..control.protocol import one_line
 from . import criu
 from .api import COMM_RE, MAX_REASON
 from .fdscan import descendants, process_table
@@ -154,7 +155,7 @@ async def _coordinator(account: LocalAccount, req: dict[str, Any], timeout: floa
     except (ValueError, IndexError):
         reply = None
     if not isinstance(reply, dict):
-        tail = ' '.join(err.decode(errors='replace').split())[-300:]
+        tail = one_line(err.decode(errors='replace')[-1200:], 300)
         return {'ok': False, 'error': f'the API coordinator failed (exit status '
                                       f'{proc.returncode}): {tail or "no output"}'}
     return reply
@@ -170,8 +171,8 @@ async def _read_bounded(stream: asyncio.StreamReader, limit: int) -> bytes:
 
 
 def _text(value: Any) -> str:
-    text = ' '.join(str(value).split())
-    return text[:MAX_REASON]
+    """Text a job's processes sent (their API coordinator's replies): made inert."""
+    return one_line(value, MAX_REASON)
 
 
 def _list(value: Any) -> list[Any]:

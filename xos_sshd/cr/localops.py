@@ -29,7 +29,7 @@ import socket
 import stat
 from typing import Any
 
-from ..control.protocol import ControlError
+from ..control.protocol import ControlError, error_reply
 from ..control.server import ANY, Op, Request
 from .service import Caller, CRService
 
@@ -146,7 +146,7 @@ async def _refusal(coro: Any) -> dict[str, Any]:
     try:
         result = await coro
     except (ImageError, JobError, CRError) as exc:
-        return {'ok': False, 'reason': exc.reason, 'error': ' '.join(str(exc).split())[:1000]}
+        return error_reply(exc.reason, str(exc))
     if isinstance(result, (str, os.PathLike)):
         return {'path': result}
     return {'info': result}

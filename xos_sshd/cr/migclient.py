@@ -34,6 +34,7 @@ from xos_sshd.cr.cli import (
     Unreachable,
     Usage,
     _check,
+    _safe,
     _split_host_port,
 )
 from xos_sshd.cr.migcaps import MODES
@@ -214,7 +215,7 @@ def _report(outcome: Outcome, job_id: str, mode: str, src: str, dst: str,
     restored = outcome.first('target', 'restored')
     complete = outcome.first('target', 'complete')
     if finished is not None:
-        new = str(finished.get('new_job') or (restored or {}).get('job') or '')
+        new = _safe(finished.get('new_job') or (restored or {}).get('job') or '', 100)
         frozen = finished.get('frozen_seconds')
         if as_json:
             print(json.dumps({'job': new, 'source_job': job_id, 'mode': mode, 'source': src,
@@ -224,7 +225,7 @@ def _report(outcome: Outcome, job_id: str, mode: str, src: str, dst: str,
         else:
             print(new)
         sys.stderr.write(f'{PROG}: migrated {job_id} to {dst} as {new} using {mode} '
-                         f'(job frozen {frozen} s)\n')
+                         f'(job frozen {_safe(frozen, 20)} s)\n')
         return 0
     failed = outcome.failure()
     aborted = outcome.first('source', 'aborted')
