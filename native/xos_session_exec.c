@@ -45,6 +45,7 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define EXIT_SETUP 125
@@ -241,12 +242,22 @@ static void close_other_descriptors(void)
     die(EXIT_SETUP, "session exec shim: close_range: %s", strerror(errno));
 }
 
+/* SIG_DFL for a signal glibc keeps for itself (32 and 33, its thread cancellation and
+ * setxid signals): its sigaction() refuses them, yet an ignored disposition of theirs is
+ * inherited across exec like any other.  The kernel's struct sigaction all zeros is SIG_DFL,
+ * no flags, an empty mask, whatever the architecture's field order. */
+static void default_action_raw(int sig)
+{
+    unsigned long zero[8] = {0};
+    (void)syscall(SYS_rt_sigaction, sig, zero, NULL, (size_t)(NSIG - 1) / 8);
+}
+
 static void reset_signals(void)
 {
     sigset_t none;
     for (int sig = 1; sig < NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            signal(sig, SIG_DFL); /* glibc's own real-time signals refuse: fine */
+        if (sig != SIGKILL && sig != SIGSTOP && signal(sig, SIG_DFL) == SIG_ERR)
+            default_action_raw(sig);
     sigemptyset(&none);
     if (sigprocmask(SIG_SETMASK, &none, NULL) != 0)
         die(EXIT_SETUP, "session exec shim: sigprocmask: %s", strerror(errno));
