@@ -292,7 +292,8 @@ async def probe(criu_path: str | None = None, account: LocalAccount | None = Non
         raise CriuError(f'criu check failed (exit status {rc}): {_first_error(err) or "see log"}',
                         out + err)
     said = [ln for ln in (out + err).splitlines() if ln.strip() and 'Warn ' not in ln]
-    check = said[-1] if said else ''
+    # CRIU's verdict; an error line it prints after it (a missing /dev/net/tun, say) is not.
+    check = next((ln for ln in said if 'Looks good' in ln), said[-1] if said else '')
     features = {'page_server': True}
     for name, feature in (('lazy_pages', 'uffd-noncoop'), ('soft_dirty', 'mem_dirty_track')):
         rc, _, _ = await _run(cmd('check', '--feature', feature), timeout)

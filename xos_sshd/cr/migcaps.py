@@ -16,7 +16,15 @@ Modes, best first (``docs/internals.md``, "cr: migration"):
 ``page-server`` the pages stream to a CRIU page server at the target while the dump runs;
                 needs only CRIU >= 4 at both ends.
 ``pre-dump``    iterative pre-copy needs soft-dirty tracking (``criu check --feature
-                mem_dirty_track``); not implemented (this project's kernels have none).
+                mem_dirty_track``) *usable by the job's own CRIU*: not implemented.  This
+                project's kernels have none; on a kernel that has it (Debian's 6.1, run
+                under ``scripts/vm/xosvm.py``) CRIU 4.1.1 opens ``/proc/PID/clear_refs``
+                (mode 0200) read-write, so an unprivileged pre-dump works only with
+                ``CAP_DAC_OVERRIDE``, which would let the CRIU that parses a user's job
+                bypass every file permission on the node: never given (design.md: CRIU
+                gets only the capabilities it needs *safely*).  Measured there: 2 rounds
+                into a page server cut the freeze of a 200 MiB job 12x; lazy pages do better
+                where the sysctls allow them.
 ``dump-copy``   dump, then the signed image is copied and restored: always possible.
 
 The kernel features are probed once, in the background, when the gateway starts (three
@@ -108,9 +116,12 @@ def lazy_send_problem(s: Mapping[str, int | None], job_bytes: int | None = None)
 
 
 def pre_dump_problem(features: Mapping[str, bool] | None) -> str:
+    """Why ``pre-dump`` is not offered (it never is: see the module docstring)."""
     if features is not None and features.get('soft_dirty'):
-        return 'not implemented (soft-dirty tracking exists here: pre-dump rounds could be added)'
-    return 'no soft-dirty memory tracking in this kernel (criu: "Dirty tracking is OFF")'
+        return 'not implemented (soft-dirty tracking is usable here: pre-dump rounds could be added)'
+    return ('no soft-dirty tracking usable by a job\'s CRIU (criu: "Dirty tracking is OFF": '
+            'the kernel has none, or CRIU 4.1.1 would need CAP_DAC_OVERRIDE to clear it, '
+            'which jobs never get)')
 
 
 @dataclass(frozen=True)
