@@ -8,6 +8,12 @@ xos-sshd takes the OpenSSH-certificate route with the full path: verifier, CRL c
 lease renewal, fork + setuid into the mapped account.  Runs alternate so both see the same
 machine noise.  Then N concurrent logins to xos-sshd.
 
+Both are measured as they come.  OpenSSH's client keeps Nagle on for a non-interactive
+session; stock sshd pays a delayed-ACK stall (~40 ms) after the client's NEWKEYS, and one of
+its own Nagle (it sets TCP_NODELAY only for interactive sessions).  xos-sshd acknowledges
+at once until authentication (``gateway.PreauthQuickAck``); without that it paid two such
+stalls (p50 ~115 ms instead of ~37 ms on a 2-core VM).
+
 Installs nothing (run `make test` once first, for openssh-server and the venv); run as root:
     .venv/bin/python bench/login.py [--runs 40] [--concurrent 100]
 Ends with: RESULT login_p50_ratio=<xos/openssh> concurrent100_ok=<n>

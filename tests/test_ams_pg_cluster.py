@@ -490,3 +490,29 @@ async def test_reclaim_sees_jobs_and_processes_of_every_node(pg_db, tmp_path):
                          3, "the reclaims on node a")
     finally:
         await closing(a, b)
+
+
+async def test_job_operations_name_the_node_a_job_runs_on_and_poll_keeps_to_its_node(pg_db, tmp_path):
+    """A running job of node B, seen by node A's JobManager: an operation on its processes
+    is refused naming node B (not "ended"), and A's poll neither ends nor reports it, even
+    though its pid is nobody's here; A's own such job is ended."""
+    ams = await AMS.open(pg_db, POL, tmp_path / "nss", node="node-a")
+    try:
+        acc = await ams.map_identity(ident("alice"))
+        table = JobTable(ams.store)
+        dead = 2 ** 22 + 12345  # above pid_max: no such process here
+        await table.add(_job("jb-run", "node-b", acc.uid, pid=dead))
+        await table.add(_job("ja-run", "node-a", acc.uid, pid=dead))
+        manager = JobManager(table, spool_dir=str(tmp_path / "spool"), node="node-a")
+        for op in (manager.running("jb-run", acc), manager.kill("jb-run", acc),
+                   manager.checkpoint("jb-run", acc)):
+            with pytest.raises(JobError) as ei:
+                await op
+            assert ei.value.reason == "other-node"
+            assert str(ei.value) == "job jb-run runs on node node-b; connect to that node"
+        assert [j.id for j in await manager.poll()] == ["ja-run"]
+        assert (await table.get("jb-run")).state == "running"
+        assert (await table.get("ja-run")).state == "exited"
+        assert [j.id for j in await table.list(node="node-b")] == ["jb-run"]
+    finally:
+        await ams.close()

@@ -27,6 +27,7 @@ import asyncssh
 
 from .admission import Admission, AdmissionRefused, Ticket
 from .ams import AMS, LocalAccount, MappingRefused
+from .ams.store import OutageLog, StoreUnavailable
 from .audit import AuditLog
 from .auth import sshhook
 from .auth.errors import AuthRefused
@@ -34,6 +35,7 @@ from .auth.verifier import Verifier
 from .config import Config
 from .control import ControlServer, control_ops, cr_ops
 from .liveconn import LiveConnection, LiveConnections, RevocationWatch
+from .tasks import BoundedThreads, ThreadsBusy, Unresponsive
 from .metrics import MetricsEndpoint
 from .session.channel import SessionContext, UserSession
 from .session.home import HomeError, archive_home, ensure_home
@@ -47,6 +49,13 @@ SERVER_OPTIONS: dict[str, Any] = dict(
     x11_forwarding=False, line_editor=False, encoding=None, allow_scp=False,
     keepalive_interval=60, keepalive_count_max=3,
 )
+
+#: A home that has not answered within this many seconds refuses the login (a hung NFS
+#: server, a FUSE mount over the home): ``home directory H does not respond``.
+HOME_TIMEOUT_SECONDS = 10.0
+#: Home preparation runs on threads of its own, at most this many at once (one per
+#: account): hung homes never take the default executor's threads (NSS tables, images).
+HOME_THREADS = 8
 
 
 class Gateway:
@@ -73,10 +82,12 @@ class Gateway:
         #: Admission before authentication (``[limits]``: max_startups, penalties).
         self.admission = Admission(config.limits, audit)
         #: The live authenticated connections, and the sweep that ends revoked ones.
-        self.live = LiveConnections(audit)
+        self.live = LiveConnections(audit, revocation_status=verifier.revocation_status)
         self.revocation = RevocationWatch(self.live, verifier.revocation_status,
                                           config.limits.revocation_check_seconds,
                                           on_sweep=self.admission.prune)
+        #: Where homes are prepared (:meth:`prepare_home`): bounded, one call per account.
+        self.homes = BoundedThreads(HOME_THREADS, 'home')
 
     @classmethod
     async def open(cls, config: Config, verifier: Verifier,
@@ -156,23 +167,28 @@ class Gateway:
 
     async def _reclaim_loop(self) -> None:
         """Free expired leases of idle accounts, now and then (design.md: leases)."""
+        outage = OutageLog(log, 'lease reclaim')  # a store outage: said once, not per pass
         while True:
             await asyncio.sleep(self.config.reclaim_interval_seconds)
             try:
                 await self.reclaim_once()
+            except StoreUnavailable as exc:
+                outage.failed(exc)
             except Exception:
                 log.exception('lease reclaim failed; will retry')
+            else:
+                outage.ok()
 
     async def reclaim_once(self) -> list[str]:
         """One reclaim pass: an account is idle when no process runs under its uid."""
-        homes = {r.account.name: r.account.home for r in await self.ams.list_mappings()
+        homes = {r.account.name: r.account for r in await self.ams.list_mappings()
                  if r.kind != 'static'}
         busy = await asyncio.to_thread(running_uids)
         freed = await self.ams.reclaim_expired(lambda uid: uid not in busy)  # audited by the AMS
         for name in freed:
             if name in homes:
                 try:
-                    await asyncio.to_thread(archive_home, homes[name])
+                    await asyncio.to_thread(archive_home, homes[name].home, homes[name])
                 except (HomeError, OSError) as exc:
                     log.error('could not archive the home of reclaimed %s: %s', name, exc)
         return freed
@@ -203,11 +219,29 @@ class Gateway:
         return account
 
     async def prepare_home(self, account: LocalAccount) -> bool:
-        """Create the account's home on first login; True when it was created."""
+        """Create the account's home on first login; True when it was created.
+
+        A home may hang (a dead NFS server, a FUSE mount with ``allow_other`` over it): the
+        check runs on :attr:`homes` (its own threads, one outstanding call per account,
+        :data:`HOME_THREADS` at most) and a home that does not answer within
+        :data:`HOME_TIMEOUT_SECONDS` refuses the login; later logins of that account are
+        refused at once while the call is still stuck (no second thread behind it)."""
         try:
-            return await asyncio.to_thread(ensure_home, account)
+            return await self.homes.run(account.name, account, HOME_TIMEOUT_SECONDS,
+                                        ensure_home, account)
         except (HomeError, OSError) as exc:
             raise LoginRefused('home-unavailable', str(exc)) from None
+        except Unresponsive as exc:
+            log.warning('home %s of %s has not answered for %.0f s', account.home,
+                        account.name, exc.seconds)
+            raise LoginRefused('home-unavailable',
+                               f'home directory {account.home} does not respond') from None
+        except ThreadsBusy as exc:
+            log.warning('home %s of %s not prepared: %d homes of other accounts do not '
+                        'respond', account.home, account.name, exc.running)
+            raise LoginRefused('home-unavailable',
+                               f'home directory {account.home} cannot be prepared now: '
+                               f'{exc.running} other home directories do not respond') from None
 
     def audit_login(self, username: str, identity: Any, route: str | None, source: str | None,
                     outcome: str, reason: str, message: str,
@@ -268,6 +302,69 @@ class SessionRefused(asyncssh.ChannelOpenError):
         self.reason_code = reason
 
 
+class PreauthQuickAck(asyncio.Protocol):
+    """Until a connection authenticated, acknowledge what the client sent at once.
+
+    OpenSSH's client leaves Nagle on for non-interactive sessions and writes ``KEXINIT``
+    then ``KEX_ECDH_INIT``, and ``NEWKEYS`` then ``SERVICE_REQUEST``, back to back: each
+    second write waits for the ACK of the first.  The gateway has nothing to answer to the
+    first of each pair, and its kernel, in delayed-ACK ("pingpong") mode since the gateway
+    answered the client's earlier packets at once, held that ACK for its delayed-ACK timer
+    (40 ms): every OpenSSH login paid it twice (stock sshd pays it after ``NEWKEYS``).
+    ``TCP_QUICKACK`` is not sticky (the next quick reply re-enters pingpong mode), so it is
+    set after each read, while the exchange is pre-auth: it sends a pending ACK now and
+    leaves the socket out of pingpong mode for the next segment.  After authentication the
+    transport talks to the connection directly again (bulk transfers keep delayed ACKs).
+
+    asyncssh has no hook for this: the protocol sits between the transport and the
+    connection (``transport.set_protocol``: uvloop caches the protocol's ``data_received``,
+    so replacing the method would not do); ``conn._transport`` is the one private attribute
+    used (asyncssh is pinned, see :mod:`xos_sshd.auth.sshhook`; without it nothing is set).
+    """
+
+    def __init__(self, conn: asyncssh.SSHServerConnection, transport: asyncio.Transport,
+                 sock: Any):
+        self._conn = conn
+        self._transport = transport
+        self._sock = sock
+
+    @classmethod
+    def install(cls, conn: asyncssh.SSHServerConnection) -> 'PreauthQuickAck | None':
+        transport = getattr(conn, '_transport', None)  # noqa: SLF001 - see the docstring
+        sock = conn.get_extra_info('socket')
+        if (transport is None or sock is None or not hasattr(transport, 'set_protocol')
+                or sock.family not in (socket.AF_INET, socket.AF_INET6)):
+            return None
+        hook = cls(conn, transport, sock)
+        transport.set_protocol(hook)
+        return hook
+
+    def remove(self) -> None:
+        """Hand the transport back to the connection (authenticated)."""
+        if self._transport.get_protocol() is self:
+            self._transport.set_protocol(self._conn)
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.data_received(data)
+        if not self._transport.is_closing():
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
+
+    def eof_received(self) -> bool | None:
+        return self._conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
+
+
 class ConnectionHandler(asyncssh.SSHServer):
     """asyncssh's per-connection callbacks: admission, authentication, then sessions."""
 
@@ -284,6 +381,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         self._auth_failed = False
         self._auth_refusals = 0
         self._live: LiveConnection | None = None
+        self._quickack: PreauthQuickAck | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -297,8 +395,12 @@ class ConnectionHandler(asyncssh.SSHServer):
             conn.abort()
             return
         sshhook.install(conn, self, self._gateway.check_certificate)
+        self._quickack = PreauthQuickAck.install(conn)
 
     def auth_completed(self) -> None:
+        if self._quickack is not None:
+            self._quickack.remove()
+            self._quickack = None
         self._end_startup('authenticated')
         if self._identity is None or self._account is None or self._conn is None:
             return

@@ -8,7 +8,8 @@ can
 * end the connections of an identity whose certificate was revoked after it logged in:
   :class:`RevocationWatch` asks the verifier every ``limits.revocation_check_seconds``
   (and at once after SIGHUP) whether each live identity's serial is on its CA's CRL now,
-  through the same CRL code path as a login;
+  through the same CRL code path as a login; a connection is asked once more as it
+  registers (its certificate was checked before the mapping and the home were prepared);
 * end the connections of an account an admin bans (``admin.ban``), at once; and, on a
   cluster's shared store, those of an account banned through any other gateway, at the
   next sweep (:attr:`LiveConnections.store_bans`: the names the AMS read with its last NSS
@@ -85,8 +86,13 @@ class LiveConnection:
 class LiveConnections:
     """The registry of live authenticated connections (one per gateway, one event loop)."""
 
-    def __init__(self, audit: AuditSink):
+    def __init__(self, audit: AuditSink, revocation_status: StatusCheck | None = None):
         self._audit = audit
+        #: The verifier's revocation check (``Verifier.revocation_status``), asked once more
+        #: when a connection registers: a revocation that landed between the certificate
+        #: check and the registration (the mapping and the home take time) ends it at once
+        #: rather than at the next sweep.
+        self.revocation_status = revocation_status
         self._by_account: dict[str, set[LiveConnection]] = {}
         #: Accounts banned through this gateway (until unbanned): a login that raced the
         #: ban and registers after it is closed at once.
@@ -106,11 +112,24 @@ class LiveConnections:
             yield from list(entries)
 
     def add(self, entry: LiveConnection) -> None:
-        """Register a connection that just authenticated."""
+        """Register a connection that just authenticated; close it at once if its account
+        was banned or its certificate revoked since it was checked (the sweeps would not
+        have seen it: it was not registered yet)."""
         self._by_account.setdefault(entry.account.name, set()).add(entry)
         if entry.account.name in self._banned or (
                 self.store_bans is not None and entry.account.name in self.store_bans()):
             self.close(entry, 'banned', f'account {entry.account.name} is banned')
+            return
+        if self.revocation_status is None:
+            return
+        try:
+            status = self.revocation_status(*entry.serial_key)
+        except Exception:  # as a sweep: the next one checks it again
+            log.exception('revocation check of a new connection failed; the next sweep '
+                          'checks it')
+            return
+        if status.revoked:  # not known (CRL unavailable): open, as for a sweep
+            self.close(entry, 'revoked', status.message)
 
     def remove(self, entry: LiveConnection) -> None:
         """Forget a connection that ended (no error when it was not registered)."""

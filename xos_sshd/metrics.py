@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .admission import REFUSAL_REASONS
+from .ams.store import OutageLog, StoreUnavailable
 from .cr.jobs import JOB_STATES
 from .tasks import cancel_and_wait, wake_or_timeout
 
@@ -277,12 +278,17 @@ class MetricsEndpoint:
                 pass
 
     async def _refresh_loop(self) -> None:
+        outage = OutageLog(log, 'metrics refresh')  # a store outage: said once, not per pass
         while True:
             await wake_or_timeout(self._wake, self._refresh_seconds)
             try:
                 await self.refresh()
+            except StoreUnavailable as exc:
+                outage.failed(exc)
             except Exception:
                 log.exception('metrics refresh failed; will retry')
+            else:
+                outage.ok()
 
     async def refresh(self) -> None:
         """Read the mapping and job counts from the store now."""

@@ -60,6 +60,11 @@ class LocalAccount:
     primary group excluded, sorted by gid.  ``vo``/``vo_user`` tell whom the
     account serves; ``role`` is the role only when the VO maps roles to
     separate accounts (else ``None``).
+
+    ``lease``: on a shared (PostgreSQL) store, the token of the mapping this account was
+    handed out under (``ID-CREATED_AT``: mapping ids are never reused), so that every node can
+    tell this lease's home from a previous lessee's (:func:`xos_sshd.session.home.ensure_home`);
+    ``""`` for static accounts and on the embedded sqlite store.  Not part of equality.
     """
 
     name: str
@@ -72,6 +77,7 @@ class LocalAccount:
     vo: str
     vo_user: str
     role: str | None = None
+    lease: str = field(default="", compare=False)
 
     @property
     def gids(self) -> tuple[int, ...]:

@@ -52,6 +52,7 @@ from .model import (
 )
 from .nss_tables import NSSLock, clean_passwd, remove_stale_temps, render_group, render_passwd, write_tables
 from .ranges import GROUP_PATH, PASSWD_PATH, validate_policies
+from ..tasks import start_daemon_call
 from .store import PgSettings, StoreLike, StoreUnavailable, Txn, nss_snapshot, nss_snapshot_async, open_store
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,18 @@ def _static_groups(name: str, gid: int) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _account(row: sqlite3.Row, groups: tuple[tuple[str, int], ...]) -> LocalAccount:
+def _account(row: sqlite3.Row, groups: tuple[tuple[str, int], ...], lease: str = "") -> LocalAccount:
     return LocalAccount(
         name=row["name"], uid=row["uid"], gid=row["gid"], groups=groups, home=row["home"],
         shell=row["shell"], gecos=row["gecos"], vo=row["vo"], vo_user=row["vo_user"],
-        role=row["role"] or None,
+        role=row["role"] or None, lease=lease,
     )
+
+
+def lease_token(row: Any) -> str:
+    """The token of one mapping (one lease): ``ID-CREATED_AT``.  A shared store's mapping ids
+    come from an identity column and are never reused; the creation time is the backstop."""
+    return f"{int(row['id'])}-{float(row['created_at'])!r}"
 
 
 def rewrite_nss_sync(db_path: str, nss_dir: str, busy_timeout: float = 30.0, clean: bool = False) -> None:
@@ -155,6 +162,12 @@ class AMS:
         self.banned_names: frozenset[str] = frozenset()
         self._refresh = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Shared store: the archiving of ended leases' homes (archive_ended_homes), run after
+        #: each refresh on a thread of its own: a home that hangs never stops the NSS refresh.
+        self._homes_task: asyncio.Task[None] | None = None
+        self._homes_again = False
+        self._homes_since = 0.0
+        self._homes_warned = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -194,6 +207,9 @@ class AMS:
     async def close(self) -> None:
         """Stop following other gateways' changes; close the database connection(s)."""
         tasks, self._tasks = self._tasks, []
+        if self._homes_task is not None:
+            tasks.append(self._homes_task)
+            self._homes_task = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -207,6 +223,12 @@ class AMS:
     def store(self) -> StoreLike:
         """The underlying store (the job table of :mod:`xos_sshd.cr.jobs` lives in it too)."""
         return self._store
+
+    def _account(self, row: sqlite3.Row, groups: tuple[tuple[str, int], ...]) -> LocalAccount:
+        """The row's account; on a shared store a dynamic or pool account carries its lease
+        token (the homes of other nodes' leases are told apart by it: session/home.py)."""
+        lease = lease_token(row) if self._store.cluster and row["kind"] != "static" else ""
+        return _account(row, groups, lease)
 
     async def __aenter__(self) -> "AMS":
         return self
@@ -275,7 +297,7 @@ class AMS:
                     "UPDATE mappings SET last_seen = ?, lease_expires = ? WHERE id = ?",
                     (ctx.now, ctx.now + pol.lease_seconds, row["id"]),
                 )
-                account = _account(row, groups)
+                account = self._account(row, groups)
                 events.append(("renewed", row, ""))
             elif static_err is not None:
                 refuse = static_err
@@ -289,7 +311,7 @@ class AMS:
                 assert new is not None
                 events.append(("created", new, ""))
                 groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, mid))
-                account = _account(new, groups)
+                account = self._account(new, groups)
                 changed = changed or pol.kind != "static"
         if changed or self._nss_want > self._nss_done:
             await self._sync_nss()
@@ -321,7 +343,7 @@ class AMS:
             groups = tuple((n, g) for n, g, _ in await P.member_groups(txn, row["id"]))
         if row["kind"] == "static":
             groups = _static_groups(row["name"], row["gid"])
-        return _account(row, groups)
+        return self._account(row, groups)
 
     async def explain(self, identity: P.IdentityLike) -> MappingPreview:
         """What :meth:`map_identity` would do for ``identity`` now, without writing anything.
@@ -411,7 +433,7 @@ class AMS:
             self._emit("renewed", row, lease_expires=now + pol.lease_seconds)
         if row["kind"] == "static":
             groups = _static_groups(row["name"], row["gid"])
-        return _account(row, groups)
+        return self._account(row, groups)
 
     # -- leases --------------------------------------------------------------------
 
@@ -441,6 +463,27 @@ class AMS:
             if busy:
                 await txn.executemany("INSERT INTO node_uids (node, uid, seen) VALUES (?, ?, ?)",
                                       [(self.node, uid, now) for uid in busy])
+
+    async def busy_elsewhere(self, uid: int) -> dict[str, list[str]]:
+        """Shared store: what keeps *uid* busy on the other nodes, by node: processes their
+        gateways published (``node_uids``, as of their last reclaim pass) and jobs starting or
+        running there (the shared job table).  ``{}`` when nothing does, and always on sqlite
+        (one node: its own processes are the caller's to check)."""
+        if not self._store.cluster:
+            return {}
+        now = self._clock()
+        async with self._store.read() as txn:
+            procs = await txn.all("SELECT node, seen FROM node_uids WHERE uid = ? AND node <> ?",
+                                  (uid, self.node))
+            jobs = await txn.all("SELECT node, id, state FROM jobs WHERE uid = ? AND node <> ?"
+                                 " AND state IN ('starting', 'running') ORDER BY id", (uid, self.node))
+        out: dict[str, list[str]] = {}
+        for r in procs:
+            ago = max(0, int(now - float(r["seen"])))
+            out.setdefault(r["node"], []).append(f"processes, seen {ago} s ago")
+        for r in jobs:
+            out.setdefault(r["node"], []).append(f"job {r['id']} {r['state']}")
+        return dict(sorted(out.items()))
 
     async def _reclaim(self, is_idle: IsIdle, vo: str | None = None, kind: str | None = None,
                        publish: bool = False) -> list[str]:
@@ -588,7 +631,7 @@ class AMS:
             by_map.setdefault(r[0], []).append((r[1], r[2]))
         return [
             MappingRecord(
-                account=_account(r, tuple(by_map.get(r["id"], ()))), kind=r["kind"],
+                account=self._account(r, tuple(by_map.get(r["id"], ()))), kind=r["kind"],
                 created_at=_dt(r["created_at"]), last_seen=_dt(r["last_seen"]),
                 lease_expires=_dt(r["lease_expires"]), banned=bool(r["banned"]), pinned=bool(r["pinned"]),
             )
@@ -682,6 +725,7 @@ class AMS:
             await self._refresh.wait()
             await asyncio.sleep(0.02)  # a burst of notifications: one rewrite
             self._refresh.clear()
+            self._archive_ended_homes_soon()
             try:
                 await self._sync_nss(remote=True)
             except StoreUnavailable as exc:  # the watch calls again once the store is back
@@ -690,6 +734,55 @@ class AMS:
                 raise
             except Exception:
                 log.exception("NSS refresh from the shared store failed; will retry")
+
+    async def archive_ended_homes(self) -> list[str]:
+        """Shared store: archive this node's homes of leases that ended on any node.
+
+        Run at every refresh from the shared store (a change announced by another gateway, the
+        periodic refresh, a reconnect): a mapping another node released or reclaimed leaves its
+        homes here.  The owner markers of the configured home bases are read first, the live
+        leases after (session/home.py says why that order is safe).  Returns the homes
+        archived.  Logins never depend on this having run: ``ensure_home`` checks the marker.
+        """
+        from ..session import home as homes  # the session package's: imported when needed
+
+        bases = {p.home_base.rstrip("/") or "/" for p in self.policies.values() if p.kind != "static"}
+        owners = await _daemon_thread(homes.list_owners, bases)
+        if not owners:
+            return []
+        async with self._store.read() as txn:
+            live = {lease_token(r) for r in await txn.all(
+                "SELECT id, created_at FROM mappings WHERE kind <> 'static'")}
+        gone = [o for o in owners if o.lease not in live]
+        if not gone:
+            return []
+        done = await _daemon_thread(homes.archive_released, gone)
+        return [owner.home for owner, target in done if target is not None]  # logged there
+
+    def _archive_ended_homes_soon(self) -> None:
+        """Run :meth:`archive_ended_homes` in the background (once more after the current run
+        when one is under way; a run stuck on a hung home is reported, and later ones wait)."""
+        task = self._homes_task
+        if task is not None and not task.done():
+            self._homes_again = True
+            if not self._homes_warned and time.monotonic() - self._homes_since > 60:
+                self._homes_warned = True
+                log.warning("archiving the homes of ended leases has not finished for %.0f s "
+                            "(a home that does not respond?)", time.monotonic() - self._homes_since)
+            return
+        self._homes_task = asyncio.create_task(self._archive_homes_loop())
+
+    async def _archive_homes_loop(self) -> None:
+        while True:
+            self._homes_again, self._homes_since, self._homes_warned = False, time.monotonic(), False
+            try:
+                await self.archive_ended_homes()
+            except StoreUnavailable as exc:  # the next refresh (the watch reconnecting) retries
+                log.debug("archiving the homes of ended leases postponed: %s", exc)
+            except Exception:
+                log.exception("archiving the homes of ended leases failed; will retry")
+            if not self._homes_again:
+                return
 
 
 def _write_tables_if_changed(nss_dir: str, passwd: list[Any], group: list[Any], only_if_changed: bool) -> bool:
@@ -708,6 +801,24 @@ def _write_tables_if_changed(nss_dir: str, passwd: list[Any], group: list[Any], 
             return False
     write_tables(nss_dir, passwd, group)
     return True
+
+
+async def _daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a daemon thread of its own (homes may hang: such a call must neither
+    hold an executor thread nor keep the gateway from exiting)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():  # the caller went away (cancelled)
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    start_daemon_call(loop, fn, args, "xos-homes", settle)
+    return await future
 
 
 async def _acquire(lock: NSSLock) -> None:

@@ -38,6 +38,7 @@ concurrent openers migrate exactly once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
@@ -180,6 +181,35 @@ class StoreUnavailable(MappingRefused):
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return (type(self), (str(self),))
+
+
+class OutageLog:
+    """What a periodic task of the gateway says about a store outage: one warning when its
+    passes start failing with :class:`StoreUnavailable`, one when a pass works again, and
+    nothing in between (no traceback per pass).  ``failed(exc)`` / ``ok()`` after each pass."""
+
+    def __init__(self, logger: logging.Logger, task: str) -> None:
+        self._log = logger
+        self.task = task
+        self._since: float | None = None
+        self._failures = 0
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def failed(self, exc: StoreUnavailable) -> None:
+        self._failures += 1
+        if self._since is None:
+            self._since = time.monotonic()
+            self._log.warning("%s paused: %s", self.task, exc)
+
+    def ok(self) -> None:
+        if self._since is not None:
+            self._log.warning("%s resumed after %.1f s (%d passes skipped while the AMS store "
+                              "was unavailable)", self.task, time.monotonic() - self._since,
+                              self._failures)
+            self._since, self._failures = None, 0
 
 
 @dataclass(frozen=True)

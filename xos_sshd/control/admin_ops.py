@@ -157,9 +157,11 @@ async def admin_unban(req: Request) -> dict[str, Any]:
 async def admin_release(req: Request) -> dict[str, Any]:
     """``{name, force=false}`` -> ``{released, uid, home_archived}``.
 
-    Refuses ``account-busy`` while a process runs under the account's uid (unless ``force``);
-    the home of a dynamic or pool account is archived as after a reclaim, so the next holder
-    of the uid or pool name never sees the previous one's files.
+    Refuses ``account-busy`` while a process runs under the account's uid (unless ``force``),
+    and on a shared store also while another node published the uid as busy or runs (or
+    starts) a job of it, naming the nodes.  The home of a dynamic or pool account is archived
+    as after a reclaim, so the next holder of the uid or pool name never sees the previous
+    one's files (other nodes archive theirs when they hear of the release).
     """
     force = req.flag('force', False)
     try:
@@ -172,6 +174,17 @@ async def admin_release(req: Request) -> dict[str, Any]:
             'account-busy', f'processes of {account.name} (uid {account.uid}) are still '
                             f'running (stop them, or release with force)'),
             account=account.name, uid=account.uid)
+    # A shared store: the account may be busy on other nodes (their published processes,
+    # their jobs in the shared table); their homes follow the release (session/home.py).
+    elsewhere = {} if force else await req.gateway.ams.busy_elsewhere(account.uid)
+    if elsewhere:
+        where = '; '.join(f'node {node}: {", ".join(what[:3])}'
+                          + (f' and {len(what) - 3} more' if len(what) > 3 else '')
+                          for node, what in elsewhere.items())
+        raise _refusal(req, 'release', ControlError(
+            'account-busy', f'{account.name} (uid {account.uid}) is in use on other nodes '
+                            f'({where}): stop it there, or release with force'),
+            account=account.name, uid=account.uid, nodes=sorted(elsewhere))
     try:
         await req.gateway.ams.release(account.name)
     except UnknownMapping as exc:
@@ -180,7 +193,7 @@ async def admin_release(req: Request) -> dict[str, Any]:
     archived = None
     if record.kind != 'static':
         try:
-            archived = await asyncio.to_thread(archive_home, account.home)
+            archived = await asyncio.to_thread(archive_home, account.home, account)
         except (HomeError, OSError) as exc:
             log.error('could not archive the home of released %s: %s', account.name, exc)
     _audit(req, 'release', account=account.name, uid=account.uid, force=force,

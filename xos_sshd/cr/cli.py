@@ -450,9 +450,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def print_jobs(jobs: list[dict[str, Any]]) -> None:
     rows = [(j['id'], j['state'], str(j.get('exit_code') if j.get('exit_code') is not None else '-'),
-             _when(j.get('created')), j.get('restored_from') or '-', _command(j.get('command')))
+             str(j.get('node') or '-'), _when(j.get('created')), j.get('restored_from') or '-',
+             _command(j.get('command')))
             for j in jobs]
-    print(_table(('JOB', 'STATE', 'EXIT', 'CREATED', 'FROM IMAGE', 'COMMAND'), rows))
+    print(_table(('JOB', 'STATE', 'EXIT', 'NODE', 'CREATED', 'FROM IMAGE', 'COMMAND'), rows))
 
 
 def print_images(images: list[dict[str, Any]]) -> None:

@@ -63,7 +63,8 @@ API_TIMEOUT = 30.0
 
 class JobError(Exception):
     """A job operation was refused or failed.  ``reason`` is a stable code:
-    ``no-such-job``, ``not-owner``, ``not-running``, ``not-checkpointable``,
+    ``no-such-job``, ``not-owner``, ``not-running``, ``other-node`` (a job of a shared job
+    table that runs on another node: the message names it), ``not-checkpointable``,
     ``start-failed``, ``checkpoint-failed``, ``restore-failed``; and from the job's use of
     the application API: ``critical-section`` (one was still open at the bound; the
     message names it), ``refused-by-job`` (a checkpoint callback failed or hung)."""
@@ -164,9 +165,11 @@ class JobTable:
         return None if row is None else _row_to_job(row)
 
     async def list(self, *, uid: int | None = None, states: Iterable[str] | None = None,
-                   vo: str | None = None, vo_user: str | None = None) -> list[Job]:
+                   vo: str | None = None, vo_user: str | None = None,
+                   node: str | None = None) -> list[Job]:
+        """Jobs by creation; every filter given must match (*node*: the jobs of that node)."""
         where, args = [], []  # type: list[str], list[Any]
-        for col, val in (('uid', uid), ('vo', vo), ('vo_user', vo_user)):
+        for col, val in (('uid', uid), ('vo', vo), ('vo_user', vo_user), ('node', node)):
             if val is not None:
                 where.append(f'{col} = ?')
                 args.append(val)
@@ -270,12 +273,26 @@ class JobManager:
         return job
 
     async def running(self, job_id: str, account: LocalAccount) -> Job:
+        """The account's running job *job_id* of this node, for an operation on its processes
+        (kill, checkpoint, migration): ``not-running`` when it is not running; ``other-node``
+        when it runs on another node of a shared job table (only that node's gateway can reach
+        its processes: it is not ended, and is not marked so here)."""
         job = await self.owned(job_id, account)
         if job.state != 'running':
             raise JobError('not-running', f'job {job_id} is {job.state}')
+        self.here(job)
         if not process_alive(job.pid, job.starttime, job.uid):
             await self._ended(job, 'exited')
             raise JobError('not-running', f'job {job_id} has ended')
+        return job
+
+    def here(self, job: Job) -> Job:
+        """*job* if it is this node's; ``JobError('other-node')`` naming its node otherwise
+        (its processes, and its log files, are on that node)."""
+        if job.node != self.node:
+            verb = 'runs' if job.state in ('starting', 'running') else 'ran'
+            raise JobError('other-node', f'job {job.id} {verb} on node {job.node}; connect to '
+                           f'that node')
         return job
 
     def _new_row(self, account: LocalAccount, job_id: str, command: Sequence[str], *,
@@ -509,8 +526,8 @@ class JobManager:
         periodic task checkpoints each for its owner as ``xos-cr checkpoint JOB [--stop]``
         would (image committed to the owner's images); the checkpoint clears the request.
         Jobs with a checkpoint under way are left out."""
-        jobs = [j for j in await self.table.list(states=['running'])
-                if j.node == self.node and j.id not in self._checkpointing
+        jobs = [j for j in await self.table.list(states=['running'], node=self.node)
+                if j.id not in self._checkpointing
                 and process_alive(j.pid, j.starttime, j.uid)]
         if not jobs:
             return []
@@ -526,13 +543,16 @@ class JobManager:
         return await asyncio.to_thread(find)
 
     async def poll(self) -> list[Job]:
-        """Mark running jobs whose init is gone as ``exited``; return them (for a periodic
-        task of the gateway).  The exit status is in the job directory (user-written)."""
+        """Mark this node's running jobs whose init is gone as ``exited``; return them (for a
+        periodic task of the gateway).  Other nodes' jobs (a shared job table) are theirs to
+        watch: their processes are not visible here.  The exit status is in the job directory
+        (user-written)."""
         ended = []
-        for job in await self.table.list(states=['running']):
+        for job in await self.table.list(states=['running'], node=self.node):
             if not process_alive(job.pid, job.starttime, job.uid):
-                await self._ended(job, 'exited')
-                ended.append(job)
+                if await self.table.update(job.id, expect_state=job.state, expect_node=self.node,
+                                           state='exited', ended=time.time()):
+                    ended.append(job)
         return ended
 
 
@@ -548,9 +568,7 @@ async def reconcile(table: JobTable, node: str = '') -> dict[str, str]:
     Returns ``{job id: new state}``.
     """
     changed: dict[str, str] = {}
-    for job in await table.list(states=['running', 'starting']):
-        if job.node != node:
-            continue
+    for job in await table.list(states=['running', 'starting'], node=node):
         if job.state == 'starting':
             new, detail = 'failed', 'gateway stopped while starting'
         elif not process_alive(job.pid, job.starttime, job.uid):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ams import AMS
+from ..ams.store import OutageLog, StoreUnavailable
 from ..session import libc
 from ..tasks import cancel_and_wait
 from . import criu
@@ -64,6 +65,10 @@ class CRRuntime:
         #: Checkpoints a job asked for itself (xos_sshd.cr.api), running in the background.
         self._requested: dict[str, asyncio.Task[None]] = {}
         self._retry_after: dict[str, float] = {}  # job id -> monotonic time (after a failure)
+        #: Exit codes of reaped job inits not yet recorded (the store was unavailable).
+        self._reaped: dict[int, int] = {}
+        #: A store outage is said once when the poll starts failing and once when it works.
+        self._outage = OutageLog(log, 'cr poll (ended jobs, checkpoint requests)')
 
     @classmethod
     async def open(cls, config: Any, ams: AMS, audit: Any, *, cr_socket: str = '') -> 'CRRuntime':
@@ -123,12 +128,18 @@ class CRRuntime:
             await asyncio.sleep(POLL_INTERVAL)
             try:
                 await self.poll_once()
+            except StoreUnavailable as exc:  # a shared store's outage: said once, not per pass
+                self._outage.failed(exc)
             except Exception:
                 log.exception('cr poll failed; will retry')
+            else:
+                self._outage.ok()
 
     async def poll_once(self) -> None:
-        reaped = self.reaper.reap()
-        await self.service.refresh(reaped)
+        # Reaped exit codes are kept until a refresh recorded them (a pass may fail midway).
+        self._reaped.update(self.reaper.reap())
+        await self.service.refresh(self._reaped)
+        self._reaped.clear()
         if not self.service.unavailable:
             await self._serve_checkpoint_requests()
 
