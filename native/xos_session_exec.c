@@ -116,6 +116,8 @@ static rlim_t limit_value(const char *text)
 static void parse_groups(struct request *req, char *list)
 {
     size_t count = *list ? 1 : 0;
+    if (req->groups)
+        die(EXIT_SETUP, "session exec shim: --groups given twice");
     for (const char *p = list; *p; p++)
         count += *p == ',';
     if (count > (size_t)NGROUPS_MAX)
@@ -124,7 +126,7 @@ static void parse_groups(struct request *req, char *list)
     if (!req->groups)
         die(EXIT_SETUP, "session exec shim: out of memory");
     for (char *rest = *list ? list : NULL, *tok; (tok = strsep(&rest, ",")) != NULL;)
-        req->groups[req->ngroups++] = (gid_t)number(tok, 0, (gid_t)-2, "--groups");
+        req->groups[req->ngroups++] = (gid_t)number(tok, 1, (gid_t)-2, "--groups"); /* never root's */
 }
 
 static void parse_limit(struct request *req, char *spec)

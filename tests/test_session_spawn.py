@@ -344,6 +344,10 @@ def test_the_shim_refuses_root_and_bad_requests_with_one_line() -> None:
          "bad environment entry 'NOEQUALS'"),
         (['--uid', '65534', *base, '--rlimit', '7:9:1', '--', '/bin/true', 'true'], b'',
          'cannot set resource limits: resource 7: Invalid argument'),
+        (['--uid', '65534', *base, '--groups', '100,0', '--', '/bin/true', 'true'], b'',
+         "bad --groups value '0'"),
+        (['--uid', '65534', *base, '--groups', '100', '--groups', '1,2,3,4,5,6,7,8,9,10,11',
+          '--', '/bin/true', 'true'], b'', '--groups given twice'),
     ]:
         res = _shim(args, env)
         assert res.returncode == 125 and res.stdout == '', (args, res)

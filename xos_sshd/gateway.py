@@ -188,10 +188,18 @@ class Gateway:
         for name in freed:
             if name in homes:
                 try:
-                    await asyncio.to_thread(archive_home, homes[name].home, homes[name])
-                except (HomeError, OSError) as exc:
+                    await self.archive_home(homes[name])
+                except (HomeError, OSError, Unresponsive, ThreadsBusy) as exc:
                     log.error('could not archive the home of reclaimed %s: %s', name, exc)
         return freed
+
+    async def archive_home(self, account: LocalAccount) -> str | None:
+        """Archive a released account's home (:func:`archive_home`) on :attr:`homes`, like
+        :meth:`prepare_home`: a home that hangs costs one thread and a
+        :class:`~xos_sshd.tasks.Unresponsive` after :data:`HOME_TIMEOUT_SECONDS`, never the
+        reclaim loop or an admin's release."""
+        return await self.homes.run(account.name, ('archive', account.uid),
+                                    HOME_TIMEOUT_SECONDS, archive_home, account.home, account)
 
     async def authorize(self, username: str, identity: Any, *,
                         existing_only: bool = False) -> LocalAccount:

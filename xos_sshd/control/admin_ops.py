@@ -30,7 +30,8 @@ from ..auth.errors import AuthRefused
 from ..auth.identity import VOIdentity
 from ..auth.profile import parse_certificate
 from ..gateway import running_uids
-from ..session.home import HomeError, archive_home
+from ..session.home import HomeError
+from ..tasks import ThreadsBusy, Unresponsive
 from .protocol import ControlError
 from .server import ROOT, Op, Request
 
@@ -193,8 +194,8 @@ async def admin_release(req: Request) -> dict[str, Any]:
     archived = None
     if record.kind != 'static':
         try:
-            archived = await asyncio.to_thread(archive_home, account.home, account)
-        except (HomeError, OSError) as exc:
+            archived = await req.gateway.archive_home(account)
+        except (HomeError, OSError, Unresponsive, ThreadsBusy) as exc:
             log.error('could not archive the home of released %s: %s', account.name, exc)
     _audit(req, 'release', account=account.name, uid=account.uid, force=force,
            home_archived=archived)

@@ -114,7 +114,7 @@ def ensure_home(account: LocalAccount) -> bool:
                     _archive_owned(previous, f'uid {account.uid} now serves {account.name} '
                                              f'({account.vo_user}@{account.vo})')
                 _drop_owner(dfd, account.uid)
-            if mine is None and os.path.lexists(account.home):
+            if mine is None and _present(account.home):
                 _archive(account.home, f'it is not recorded as the home of the current lease of '
                                        f'{account.name} ({account.vo_user}@{account.vo})')
             created = _ensure(account)
@@ -168,18 +168,41 @@ def archive_home(home: str, account: LocalAccount | None = None) -> str | None:
     base = os.path.dirname(home)
     _check_base(base)
     if account is None or not account.lease or not os.path.lexists(os.path.join(base, OWNERS_DIR)):
-        if not os.path.lexists(home):
-            return None
-        return _archive(home, 'its account was reclaimed or released', level=logging.INFO)
+        return _archive_released(home, account)
     with _owners(base) as dfd, _locked(dfd, f'uid-{account.uid}', f'name-{os.path.basename(home)}'):
         owner = _read_owner(dfd, base, account.uid)
         if owner is not None and owner.lease != account.lease and owner.home == home:
             return None  # the home of the uid's next lease already
+        archived = _archive_released(home, account)
         if owner is not None and owner.lease == account.lease:
-            _drop_owner(dfd, account.uid)
-        if not os.path.lexists(home):
-            return None
-        return _archive(home, 'its account was reclaimed or released', level=logging.INFO)
+            _drop_owner(dfd, account.uid)  # only once the home is gone: a failure keeps it
+        return archived
+
+
+def _archive_released(home: str, account: LocalAccount | None) -> str | None:
+    """Archive the released *account*'s home if it is there and still that uid's (a home
+    the name's next holder made meanwhile, under another uid, is theirs)."""
+    st = _present(home)
+    if st is None:
+        return None
+    if account is not None and st.st_uid != account.uid:
+        log.info('home %s belongs to uid %d now, not released %s (%d): left alone', home,
+                 st.st_uid, account.name, account.uid)
+        return None
+    return _archive(home, 'its account was reclaimed or released', level=logging.INFO)
+
+
+def _present(path: str) -> os.stat_result | None:
+    """``lstat`` of *path*, None only when it does not exist.  Any other error (root gets
+    EACCES on a user's FUSE mount over their home) is a :class:`HomeError`: a home that
+    cannot be examined must never pass for an absent one, or it would outlive its lease
+    and reach the account's next holder."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise HomeError(f'cannot examine {path}: {exc.strerror} (a mount over it?)') from None
 
 
 def _archive(home: str, why: str, level: int = logging.WARNING) -> str:
