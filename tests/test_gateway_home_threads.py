@@ -121,3 +121,21 @@ def test_a_stuck_call_does_not_hold_up_the_exit() -> None:
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          timeout=30)
     assert (res.returncode, res.stdout) == (0, 'refused\n'), res.stderr
+
+
+async def test_calls_past_their_timeout_stop_counting_up_to_max_stuck() -> None:
+    """Three keys hang for good: with max_stuck they no longer take the three threads from
+    other keys, until max_stuck of them are stuck; then the cap holds again."""
+    pool = BoundedThreads(3, 'test', max_stuck=2)
+    block = Blocker()
+    stuck = await asyncio.gather(*(pool.run(k, 'tag', 0.2, block, k) for k in 'xyz'),
+                                 return_exceptions=True)
+    assert all(isinstance(r, Unresponsive) for r in stuck) and pool.running == 3
+    assert await pool.run('w', 'tag', 1, str.upper, 'w') == 'W'  # a thread, at once
+    more = await asyncio.gather(*(pool.run(k, 'tag', 0.2, block, k) for k in 'uv'),
+                                return_exceptions=True)
+    assert all(isinstance(r, Unresponsive) for r in more) and pool.running == 5
+    with pytest.raises(ThreadsBusy):  # 3 + 2 stuck: the ceiling
+        await pool.run('t', 'tag', 0.3, str.upper, 't')
+    block.release.set()
+    assert await pool.run('t', 'tag', 5, str.upper, 't') == 'T'

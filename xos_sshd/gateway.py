@@ -56,6 +56,9 @@ HOME_TIMEOUT_SECONDS = 10.0
 #: Home preparation runs on threads of its own, at most this many at once (one per
 #: account): hung homes never take the default executor's threads (NSS tables, images).
 HOME_THREADS = 8
+#: Home calls past their timeout that stop counting against HOME_THREADS (one per account at
+#: most): a few users' hung homes must not refuse everyone else's logins.
+HOME_STUCK_MAX = 64
 
 
 class Gateway:
@@ -87,7 +90,7 @@ class Gateway:
                                           config.limits.revocation_check_seconds,
                                           on_sweep=self.admission.prune)
         #: Where homes are prepared (:meth:`prepare_home`): bounded, one call per account.
-        self.homes = BoundedThreads(HOME_THREADS, 'home')
+        self.homes = BoundedThreads(HOME_THREADS, 'home', max_stuck=HOME_STUCK_MAX)
 
     @classmethod
     async def open(cls, config: Config, verifier: Verifier,

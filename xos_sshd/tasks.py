@@ -75,7 +75,9 @@ class BoundedThreads:
       a key whose call has been outstanding longer than *timeout* is refused at once
       (:class:`Unresponsive`), so retries never pile up threads behind it;
     * at most *max_threads* calls at once, whatever their keys; a caller waits for a free
-      thread within its *timeout* (:class:`ThreadsBusy` after);
+      thread within its *timeout* (:class:`ThreadsBusy` after).  With *max_stuck*, calls
+      past their timeout stop counting against *max_threads* (so a few hung homes cannot
+      refuse everyone else's), up to *max_stuck* of them: beyond, they count again;
     * a caller waits at most *timeout* seconds in all (:class:`Unresponsive`); its call runs
       on, holding its key and its thread, until it returns (logged when that was late).
 
@@ -83,8 +85,9 @@ class BoundedThreads:
     holds up the gateway's exit nor sits in a pool that must be joined.  One event loop.
     """
 
-    def __init__(self, max_threads: int, name: str):
+    def __init__(self, max_threads: int, name: str, max_stuck: int = 0):
         self.max_threads = max_threads
+        self.max_stuck = max_stuck
         self.name = name
         self._calls: dict[Hashable, _Call] = {}
         #: Set when a call returned (its thread is free again).
@@ -94,6 +97,17 @@ class BoundedThreads:
     def running(self) -> int:
         """Calls whose thread has not returned yet."""
         return len(self._calls)
+
+    def _full(self) -> float | None:
+        """None when a new call may start now; else how long to wait before looking again
+        unless a call returns first (a live call passing its timeout stops counting)."""
+        total = len(self._calls)
+        if not self.max_stuck or total >= self.max_threads + self.max_stuck:
+            return None if total < self.max_threads else float('inf')
+        now = time.monotonic()
+        left = [c.started + c.timeout - now for c in self._calls.values()
+                if now - c.started < c.timeout]
+        return None if len(left) < self.max_threads else max(0.01, min(left))
 
     def stuck(self, timeout: float) -> list[Hashable]:
         """The keys whose call has been running longer than *timeout*."""
@@ -106,13 +120,14 @@ class BoundedThreads:
         deadline = time.monotonic() + timeout
         while True:
             call = self._calls.get(key)
-            if call is None and len(self._calls) >= self.max_threads:
+            wait = self._full() if call is None else None
+            if wait is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ThreadsBusy(self.running)
                 self._returned.clear()
                 try:
-                    await asyncio.wait_for(self._returned.wait(), remaining)
+                    await asyncio.wait_for(self._returned.wait(), min(remaining, wait))
                 except TimeoutError:
                     pass
                 continue  # look again: the key may have a call now, or a thread be free
