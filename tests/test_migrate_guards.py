@@ -21,7 +21,7 @@ from test_cr_migrate import lazy_sysctls  # noqa: F401 (fixture)
 
 from xos_sshd.ams import LocalAccount
 from xos_sshd.cr import criu, imagefs, migimage, migrate
-from xos_sshd.cr.images import ImageStore
+from xos_sshd.cr.images import ImageError, ImageStore
 from xos_sshd.cr.jobs import JobError, JobManager
 from xos_sshd.cr.service import CRError, CRService
 
@@ -186,3 +186,23 @@ def test_migration_counters_belong_to_each_gateway(manager: JobManager, cr_base:
     for token in tokens:
         one.migrations.leave(token)
     migrate.check_concurrency(one, 5001, live_included=False)
+
+
+def test_a_stale_usage_read_never_lowers_the_figure_while_other_entries_live(
+        manager: JobManager, cr_base: Path) -> None:
+    """An upload that read its account's image usage before another entry's import noted
+    the new figure must not put the older, lower one back (that would let the account stage
+    past its quota by up to one image)."""
+    images = ImageStore.open(cr_base / 'state', node_name='n', quota_bytes=1 << 20, quota_count=5)
+    ledger = CRService(manager, images, None).migrations
+    importing = ledger.enter(5001, 'upload')
+    ledger.note_stored(5001, 100)
+    late = ledger.enter(5001, 'upload')
+    ledger.note_stored(5001, 900_000)  # the first one's import landed
+    ledger.note_stored(5001, 100)   # the second's read, made before it
+    with pytest.raises(ImageError, match='quota'):
+        ledger.charge(late, 200_000, images)
+    ledger.leave(importing)
+    ledger.note_stored(5001, 100)   # alone again: the figure follows the store (an rm)
+    ledger.charge(late, 200_000, images)
+    ledger.leave(late)

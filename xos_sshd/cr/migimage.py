@@ -230,9 +230,13 @@ class MigrationLedger:
                        if self._kind[t] == MIGRATION and (uid is None or u == uid))
 
     def note_stored(self, uid: int, used: int) -> None:
-        """*uid*'s images use *used* bytes now (read from the image store)."""
+        """*uid*'s images use *used* bytes now (read from the image store).  While another
+        entry of *uid* is live the figure never goes down: a read that raced an import of
+        that entry finishing could be older than the import's own (over-counting only makes
+        the quota stricter until the account's entries are gone)."""
         with self._lock:
-            self._stored[uid] = used
+            others = sum(1 for u in self._uid.values() if u == uid) > 1
+            self._stored[uid] = max(used, self._stored.get(uid, 0)) if others else used
 
     def staged(self, uid: int) -> int:
         """Bytes staged by all live entries (migrations and uploads) of *uid*."""

@@ -300,11 +300,10 @@ class ImagesSFTPServer(asyncssh.SFTPServer):
             raise SFTPFailure(f'at most {MAX_OPEN_UPLOADS} uploads at once')
         self._watch_channel()
         uid = self._caller.account.uid
-        used, _count = await self._service.images.usage(uid)
         ledger = self._service.migrations
         token = ledger.enter(uid, LEDGER_UPLOAD)
-        ledger.note_stored(uid, used)
         try:
+            ledger.note_stored(uid, (await self._service.images.usage(uid))[0])
             path = self._user_upload_dir() / f'{secrets.token_hex(12)}.part'
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
