@@ -340,7 +340,8 @@ class CRService:
         cap = request.get('max_bytes', LOG_CAP)
         if not isinstance(cap, int) or isinstance(cap, bool) or not 0 < cap <= LOG_CAP:
             raise CRError('bad-request', f'field "max_bytes" must be between 1 and {LOG_CAP}')
-        job = self.jobs.here(await self.job_of(caller, job_id))  # its files are on its node
+        job = await self.job_of(caller, job_id)
+        self.jobs.here(job)  # its log files are on its node
         got = await self.read_logs(caller.account, job.log_dir, cap)
         reply: dict[str, Any] = {'job': job.id, 'truncated': {}}
         for name in ('stdout', 'stderr'):
