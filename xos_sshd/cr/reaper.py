@@ -7,7 +7,8 @@ has three kinds of children:
 
 1. **direct children**, each waited for by whoever started it: session processes
    (``subprocess.Popen`` + a pidfd, reaped by ``Popen.poll`` as soon as the pidfd is
-   readable), subprocesses of the event loop (libuv waits for its own pids only, never
+   readable; one still running when its channel closed is handed to
+   :mod:`xos_sshd.session.orphans`, which waits for that pid alone), subprocesses of the event loop (libuv waits for its own pids only, never
    ``waitpid(-1)``) and blocking ``subprocess.run`` calls.  Reaping one of these would steal
    its status (``Popen`` reports ECHILD as exit status 0): never done here.
 2. **job inits**: the init of a PID namespace (``NSpid`` has two or more levels, the last

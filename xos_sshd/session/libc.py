@@ -41,17 +41,10 @@ assert _ffi.sizeof('struct utmpx') == 384, 'unexpected struct utmpx layout'
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
-PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 USER_PROCESS = 7
 DEAD_PROCESS = 8
 WTMP_FILE = b'/var/log/wtmp'
-
-
-def set_no_new_privs() -> None:
-    """Make execve never grant privileges again (setuid bits, file caps) to this process tree."""
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(_ffi.errno, 'prctl(PR_SET_NO_NEW_PRIVS) failed')
 
 
 def set_child_subreaper(on: bool = True) -> None:
