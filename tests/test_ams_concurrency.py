@@ -102,9 +102,9 @@ async def test_pool_stampede_maps_nobody_twice(tmp_path, ams_db):
 # -- many OS processes ---------------------------------------------------------------
 
 
-def _mp_worker(db: str, nss: str, user: str, barrier, out) -> None:
+def _mp_worker(store, policies, nss: str, node: str | None, user: str, barrier, out) -> None:
     async def run() -> tuple:
-        ams = await AMS.open(db, POL, nss)
+        ams = await AMS.open(store, policies, nss, node=node)
         try:
             barrier.wait(30)
             acc = await ams.map_identity(ident(user, groups=("atlas", "higgs")))
@@ -118,24 +118,31 @@ def _mp_worker(db: str, nss: str, user: str, barrier, out) -> None:
         out.put(("error", repr(exc)))
 
 
-@pytest.mark.parametrize("same_identity", [True, False])
-def test_parallel_first_logins_across_processes(tmp_path, same_identity):
-    db, nss = str(tmp_path / "ams.sqlite"), str(tmp_path / "nss")
-    n = 6
+def first_logins_in_processes(store, policies, workers: list[tuple[str, str | None, str]]) -> list[tuple]:
+    """One spawned process per ``(nss_dir, node, user)`` in *workers*, each opening its own
+    AMS on *store* and mapping its user at a shared barrier: ``(name, uid, gid, groups)``
+    of each, every process checked to have ended cleanly."""
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(n)
+    barrier = ctx.Barrier(len(workers))
     out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_mp_worker, args=(db, nss, "alice" if same_identity else f"u{i}", barrier, out))
-        for i in range(n)
-    ]
+    procs = [ctx.Process(target=_mp_worker, args=(store, policies, nss, node, user, barrier, out))
+             for nss, node, user in workers]
     for p in procs:
         p.start()
-    results = [out.get(timeout=120) for _ in range(n)]
+    results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
     assert not [r for r in results if r[0] == "error"], results
+    return results
+
+
+@pytest.mark.parametrize("same_identity", [True, False])
+def test_parallel_first_logins_across_processes(tmp_path, same_identity):
+    db, nss = str(tmp_path / "ams.sqlite"), str(tmp_path / "nss")
+    n = 6
+    results = first_logins_in_processes(
+        db, POL, [(nss, None, "alice" if same_identity else f"u{i}") for i in range(n)])
     rows = db_mappings(db)
     if same_identity:
         assert len(set(results)) == 1, results

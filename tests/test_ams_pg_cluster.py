@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -19,18 +18,17 @@ import sys
 import textwrap
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
 import pytest
-from test_ams_concurrency import CHILD, Expect
+from test_ams_concurrency import CHILD, Expect, first_logins_in_processes
+from test_ams_service import Clock, ident
 from test_nss import NSSWITCH, getent, nss_lib  # noqa: F401 (fixture: the built libnss_xos)
 
 from xos_sshd.ams import AMS, MappingRefused, VOPolicy
 from xos_sshd.ams.store import PgSettings
 from xos_sshd.ams.store_pg import connect_options
-from xos_sshd.auth.identity import VOIdentity
 from xos_sshd.cr.jobs import Job, JobError, JobManager, JobTable, reconcile
 from xos_sshd.liveconn import LiveConnections
 
@@ -39,20 +37,6 @@ POL = {
     "cms": VOPolicy("cms", kind="pool", uid_range=(280000, 280099), gid_range=(380000, 380199),
                     pool=tuple(f"cmsq{i:02d}" for i in range(40))),
 }
-
-
-def ident(user: str, vo: str = "atlas", groups: tuple[str, ...] = ("atlas",)) -> VOIdentity:
-    return VOIdentity(vo=vo, user=user, groups=groups, role=None, serial=1,
-                      not_after=datetime(2099, 1, 1, tzinfo=timezone.utc), issuer="CN=Test CA",
-                      key_fingerprint="SHA256:test")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 async def gateways(settings: PgSettings, base: Path, n: int = 2, **kw) -> list[AMS]:
@@ -133,39 +117,13 @@ async def test_pool_stampede_across_gateways_maps_nobody_twice(pg_db, tmp_path):
                                      for r in refused)
 
 
-def _mp_worker(settings: PgSettings, nss: str, node: str, user: str, barrier, out) -> None:
-    async def run() -> tuple:
-        ams = await AMS.open(settings, POL, nss, node=node)
-        try:
-            barrier.wait(30)
-            acc = await ams.map_identity(ident(user, groups=("atlas", "higgs")))
-            return (acc.name, acc.uid, acc.gid, acc.groups)
-        finally:
-            await ams.close()
-
-    try:
-        out.put(asyncio.run(run()))
-    except BaseException as exc:  # report, never hang the parent
-        out.put(("error", repr(exc)))
-
-
 @pytest.mark.parametrize("same_identity", [True, False])
 def test_first_logins_on_gateway_processes_at_once(pg_db, tmp_path, same_identity):
     """Six gateway processes (separate pools and connections) at a barrier."""
     n = 6
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(n)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_mp_worker, args=(pg_db, str(tmp_path / f"nss{i}"), f"node{i}",
-                                                  "alice" if same_identity else f"u{i}", barrier, out))
-             for i in range(n)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in range(n)]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert not [r for r in results if r[0] == "error"], results
+    results = first_logins_in_processes(
+        pg_db, POL, [(str(tmp_path / f"nss{i}"), f"node{i}", "alice" if same_identity else f"u{i}")
+                     for i in range(n)])
     rows = asyncio.run(db_rows(pg_db, "SELECT name, uid FROM mappings"))
     if same_identity:
         assert len(set(results)) == 1 and len(rows) == 1, results
