@@ -42,7 +42,7 @@ import logging
 import os
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
@@ -375,31 +375,20 @@ class PgStore:
 
     # -- transactions ----------------------------------------------------------------
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[PgTxn]:
+    def write(self) -> AbstractAsyncContextManager[PgTxn]:
         """A write transaction holding the cluster-wide write lock; committed on normal exit,
         rolled back on error."""
-        conn = await self._begin(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
-        try:
-            try:
-                yield PgTxn(conn)
-            except BaseException as exc:
-                await self._abandon(conn)
-                if isinstance(exc, TRANSIENT):
-                    raise self._unavailable(exc) from exc
-                raise
-            try:
-                await conn.execute("COMMIT")
-            except TRANSIENT as exc:
-                await self._abandon(conn)
-                raise self._unavailable(exc, " (the change may or may not have been committed)") from exc
-        finally:
-            await self._release(conn)
+        return self._transaction(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})", commit=True)
+
+    def read(self) -> AbstractAsyncContextManager[PgTxn]:
+        """A read-only transaction: every query inside sees the same snapshot."""
+        return self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", commit=False)
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[PgTxn]:
-        """A read-only transaction: every query inside sees the same snapshot."""
-        conn = await self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    async def _transaction(self, begin: str, commit: bool) -> AsyncIterator[PgTxn]:
+        """The one transaction shape: *begin*, the body, then COMMIT (*commit*) or ROLLBACK;
+        a connection that failed under it is abandoned, never reused."""
+        conn = await self._begin(begin)
         try:
             try:
                 yield PgTxn(conn)
@@ -409,9 +398,12 @@ class PgStore:
                     raise self._unavailable(exc) from exc
                 raise
             try:
-                await conn.execute("ROLLBACK")
-            except TRANSIENT:  # what was read was read: the connection goes, the result stays
+                await conn.execute("COMMIT" if commit else "ROLLBACK")
+            except TRANSIENT as exc:
                 await self._abandon(conn)
+                if commit:
+                    raise self._unavailable(exc, " (the change may or may not have been committed)") from exc
+                # read only: what was read was read; the connection goes, the result stays
         finally:
             await self._release(conn)
 
