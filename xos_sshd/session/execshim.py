@@ -70,23 +70,36 @@ def exec_helper(configured: str | os.PathLike[str] | None = None) -> str:
                      'or set [session] exec_helper')
 
 
-def unsafe_program(path: str) -> str | None:
-    """Why *path* may not be run as root (not a root-owned executable file in a root-owned
-    directory, or writable by others, or a symlink); None when it is fine."""
-    for target, what in ((path, 'file'), (os.path.dirname(path) or '.', 'directory')):
-        try:
-            st = os.lstat(target)
-        except OSError as exc:
-            return f'{target}: {exc.strerror}'
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            return (f'{target} is owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:o} '
-                    '(must be root-owned, not group/world-writable)')
-        if what == 'file' and not (stat.S_ISREG(st.st_mode) and st.st_mode & 0o100):
-            return f'{target} is not an executable file'
+def unsafe_path(path: str) -> str | None:
+    """Why *path* is not safe for root to use (a program it runs, a PAM service file, or
+    their directory): not root-owned, writable by others, a symlink, missing; None when it
+    is fine."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f'{path}: {exc.strerror}'
+    if stat.S_ISLNK(st.st_mode):
+        return f'{path} is a symlink'
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return (f'{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o} '
+                '(must be root-owned, not group/world-writable)')
     return None
 
 
-def _limit_text(limit: int) -> str:
+def unsafe_program(path: str) -> str | None:
+    """Why *path* may not be run as root (:func:`unsafe_path` of it and of its directory, or
+    not an executable file); None when it is fine."""
+    problem = unsafe_path(path) or unsafe_path(os.path.dirname(path) or '.')
+    if problem is not None:
+        return problem
+    mode = os.lstat(path).st_mode
+    if not (stat.S_ISREG(mode) and mode & 0o100):
+        return f'{path} is not an executable file'
+    return None
+
+
+def limit_text(limit: int) -> str:
+    """A resource limit as limits.conf and the shim write it."""
     return 'unlimited' if limit == resource.RLIM_INFINITY else str(limit)
 
 
@@ -117,7 +130,7 @@ def shim_argv(helper: str, uid: int, gid: int, groups: Sequence[int], home: str,
            '--groups', ','.join(str(g) for g in groups), '--home', home,
            '--env-fd', str(env_fd)]
     for res, soft, hard in rlimits:
-        cmd += ['--rlimit', f'{res}:{_limit_text(soft)}:{_limit_text(hard)}']
+        cmd += ['--rlimit', f'{res}:{limit_text(soft)}:{limit_text(hard)}']
     if take_tty:
         cmd.append('--tty')
     if parent is not None:

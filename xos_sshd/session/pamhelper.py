@@ -15,10 +15,9 @@ import json
 import os
 import resource
 import signal
-import stat
 import subprocess
 
-from .execshim import SpawnError, Stdio, apply_rlimits, popen_as
+from .execshim import SpawnError, Stdio, apply_rlimits, popen_as, unsafe_path
 
 #: typing.TYPE_CHECKING without importing typing (type checkers read it as True).
 TYPE_CHECKING = False
@@ -136,21 +135,6 @@ class _Helper:
                 except pamlib.PamError as exc:
                     self.report('warning', str(exc))
         self.pam.end()
-
-
-def unsafe_path(path: str) -> str | None:
-    """Why *path* (a PAM service file or its directory) is not safe to run as root: not
-    root-owned, writable by others, a symlink, missing; None when it is fine."""
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        return f'{path}: {exc.strerror}'
-    if stat.S_ISLNK(st.st_mode):
-        return f'{path} is a symlink'
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        return (f'{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o} '
-                '(must be root-owned, not group/world-writable)')
-    return None
 
 
 def _refusal_reason(exc: BaseException) -> str:

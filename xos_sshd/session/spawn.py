@@ -62,7 +62,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 # The launcher lives in .execshim (cheap to import for the PAM helper); its names are this
 # module's API too.
 from .execshim import (DEFAULT_EXEC_HELPER, DEV_EXEC_HELPER, RLimit, SpawnError,  # noqa: F401
-                       Stdio, apply_rlimits, exec_helper, popen_as, shim_argv, unsafe_program)
+                       Stdio, apply_rlimits, exec_helper, limit_text, popen_as, shim_argv,
+                       unsafe_program)
 
 if TYPE_CHECKING:
     from ..ams import LocalAccount
@@ -130,17 +131,13 @@ def child_rlimits(configured: Sequence[tuple[str, int, int]]) -> list[RLimit]:
                     _warned.add(name)
                     log.warning('session.rlimits.%s: hard limit %s is above the gateway\'s own '
                                 '(%s) and it lacks CAP_SYS_RESOURCE to raise it: sessions and '
-                                'jobs get %s', name, _text(hard), _text(own_hard),
-                                _text(own_hard))
+                                'jobs get %s', name, limit_text(hard), limit_text(own_hard),
+                                limit_text(own_hard))
                 hard = own_hard
         if _value(soft) > _value(hard):
             soft = hard
         out.append((res, soft, hard))
     return out
-
-
-def _text(limit: int) -> str:
-    return 'unlimited' if limit == resource.RLIM_INFINITY else str(limit)
 
 
 # --- sessions --------------------------------------------------------------------------------
